@@ -1,0 +1,836 @@
+"""MAIPG on the Multi-agent Particle Environment (spread, line, formation).
+
+Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
+deterministic, low-variance term: the actor minimises
+
+    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)),
+
+where L_clip is MAPPO's clipped surrogate on GAE advantages, Q_tot is a factorized Q-function (per-agent Q_i mixed by
+QMIX or VDN) learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through
+Gumbel-Softmax sample). nu trades bias for variance: nu = 0 is exactly MAPPO, larger nu leans on the learned Q_tot.
+
+    python maipg_mpe.py --task spread --nu 0.05          # the paper's MPE setting (App. D)
+    python maipg_mpe.py --task line --nu 0 --seed 2      # MAPPO on the same code
+    python maipg_mpe.py --help                           # every flag, with its meaning
+"""
+
+import copy
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = False
+    """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "maipg"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, greedy evaluation episodes are rendered (with the mpe2 package) to GIFs under videos/"""
+    save_model: bool = False
+    """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
+    eval_only: str | None = None
+    """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
+
+    # Environment
+    task: str = "spread"
+    """the MPE task: spread, line or formation"""
+    num_agents: int = 5
+    """the number of agents (and of landmarks in spread)"""
+    env_backend: str = "numpy"
+    """numpy: the batched port inside this script (same env, all envs stepped as arrays); mpe2: the mpe2 package"""
+    total_timesteps: int = 10_000_000
+    """total env steps of training (one step of one env counts once, whatever the number of agents)"""
+    num_envs: int = 128
+    """the number of parallel envs ("rollout threads")"""
+    num_steps: int = 25
+    """the rollout length per env between two updates (not the episode length, which MPE fixes at 25)"""
+    eval_interval: int = 25
+    """evaluate every this many updates (0: never)"""
+    eval_episodes: int = 10
+    """the number of greedy evaluation episodes"""
+
+    # Algorithm (MAPPO's values and the paper's App. D)
+    nu: float = 0.05
+    """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
+    mixer: str = "qmix"
+    """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
+    learning_rate: float = 7e-4
+    """the learning rate of the actor, V and Q+mixer Adam optimisers"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of GAE (advantages for L_clip)"""
+    td_lambda: float = 0.8
+    """the lambda of the TD(lambda) targets of Q_tot"""
+    clip_coef: float = 0.2
+    """the PPO clip of the ratio, also used to clip the value updates"""
+    update_epochs: int = 10
+    """the number of PPO epochs per update"""
+    num_minibatches: int = 1
+    """the number of minibatches per epoch"""
+    chunk_len: int = 10
+    """the length (steps) of the recurrent training chunks, which start from the hidden states stored in the rollout"""
+    target_tau: float = 0.01
+    """the soft-update rate of the target Q-networks and mixer, applied after every Q optimiser step"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    max_grad_norm: float = 10.0
+    """the maximum gradient norm of each of the three optimisers"""
+    huber_delta: float = 10.0
+    """the delta of the Huber value loss (on normalised values)"""
+    hidden_dim: int = 64
+    """the width of every trunk (actor, V, Q)"""
+    recurrent: bool = True
+    """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
+    log_grad_var: bool = False
+    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
+    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """env steps per update (num_envs * num_steps)"""
+    num_updates: int = 0
+    """the number of updates (total_timesteps // batch_size)"""
+
+
+def check_args(args: Args) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+
+    def fail(message: str) -> None:
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.task not in MPE_TASKS:
+        fail(f"--task must be one of {', '.join(MPE_TASKS)}, got {args.task!r}")
+    if args.env_backend not in ("numpy", "mpe2"):
+        fail(f"--env-backend must be numpy or mpe2, got {args.env_backend!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for flag, value in [("--num-agents", args.num_agents), ("--num-envs", args.num_envs), ("--num-steps", args.num_steps)]:
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    for flag, value in [("--update-epochs", args.update_epochs), ("--chunk-len", args.chunk_len)]:
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
+        sys.exit(2)
+
+
+MPE_TASKS = {"spread": "simple_spread_v3", "line": "simple_line_v1", "formation": "simple_formation_v1"}
+
+
+class MPE2Envs:
+    """interim"""
+
+    def __init__(self, task, num_envs, num_agents, seed, continuous_actions=False, render_mode=None):
+        import importlib
+
+        module = importlib.import_module(f"mpe2.{MPE_TASKS[task]}")
+        kwargs = {"local_ratio": 0.5} if task == "spread" else {}
+        self.envs = [
+            module.parallel_env(N=num_agents, max_cycles=25, render_mode=render_mode, **kwargs) for _ in range(num_envs)
+        ]
+        self.num_envs, self.num_agents, self.seed, self.n_actions, self.max_cycles = num_envs, num_agents, seed, 5, 25
+        self.agents = self.envs[0].possible_agents
+        self.obs_dim = self.envs[0].observation_space(self.agents[0]).shape[0]
+        self.steps = np.zeros(num_envs, dtype=int)
+        self.first = True
+
+    def reset(self):
+        out = []
+        for i, env in enumerate(self.envs):
+            o, _ = env.reset(seed=self.seed + i) if self.first else env.reset()
+            out.append([o[a] for a in self.agents])
+        self.first = False
+        return np.asarray(out, dtype=np.float32)
+
+    def step(self, actions):
+        obs, rew, dones = [], [], []
+        for i, env in enumerate(self.envs):
+            o, r, te, tr, _ = env.step({a: int(actions[i, j]) for j, a in enumerate(self.agents)})
+            rew.append([r[a] for a in self.agents])
+            d = all(te[a] or tr[a] for a in self.agents)
+            if d:
+                o, _ = env.reset()
+            obs.append([o[a] for a in self.agents])
+            dones.append(d)
+        return np.asarray(obs, dtype=np.float32), np.asarray(rew, dtype=np.float32), np.asarray(dones)
+
+    def render(self):
+        return self.envs[0].render()
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+NumpyMPE = MPE2Envs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (MAPPO's, SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Trunk(nn.Module):
+    """LayerNorm(input) -> [Linear -> ReLU -> LayerNorm] x 2 -> GRU -> LayerNorm, shared design of actor, V and Q_i."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(input_dim),
+            layer_init(nn.Linear(input_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+        )
+        self.gru = nn.GRU(hidden_dim, hidden_dim) if recurrent else None
+        if recurrent:
+            for name, param in self.gru.named_parameters():
+                nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
+            self.gru_norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, x, hidden, masks):
+        """x [L, *batch, in], hidden [*batch, H] entering step 0, masks [L, *batch] (0: an episode starts at this step)
+        -> features [L, *batch, H], hidden after step L-1 [*batch, H]."""
+        x = self.mlp(x)
+        if self.gru is None:
+            return x, hidden
+        seq_len, batch, hidden_dim = x.shape[0], x.shape[1:-1], x.shape[-1]
+        x, hidden, masks = (
+            x.reshape(seq_len, -1, hidden_dim),
+            hidden.reshape(1, -1, hidden_dim),
+            masks.reshape(seq_len, 1, -1, 1),
+        )
+        if bool((masks[1:] == 1).all()):  # no episode restarts inside the window: one fused GRU call
+            x, hidden = self.gru(x, hidden * masks[0])
+        else:  # step by step, forgetting the memory where an episode restarts
+            outputs = []
+            for t in range(seq_len):
+                out, hidden = self.gru(x[t : t + 1], hidden * masks[t])
+                outputs.append(out)
+            x = torch.cat(outputs)
+        return self.gru_norm(x).reshape(seq_len, *batch, hidden_dim), hidden.reshape(*batch, hidden_dim)
+
+
+class Actor(nn.Module):
+    """pi_theta(a_i | o_i, i), shared by all agents."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
+
+    def forward(self, x, hidden, masks, avail_actions):
+        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
+
+
+class Critic(nn.Module):
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> values [L, *batch], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).squeeze(-1), hidden
+
+
+class AgentQ(nn.Module):
+    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features), hidden
+
+
+class QMixer(nn.Module):
+    """QMIX: Q_tot = ELU(q |W1(s)| + b1(s)) |W2(s)| + V(s); the absolute weights make dQ_tot/dQ_i >= 0.
+    PyTorch's default initialisation, as pymarl's mixer."""
+
+    def __init__(self, num_agents, state_dim, embed_dim=32, hypernet_dim=64):
+        super().__init__()
+        self.num_agents, self.embed_dim = num_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(
+            nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, num_agents * embed_dim)
+        )
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.state_value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, agent_qs, state):
+        """agent_qs [*batch, n_agents], state [*batch, state_dim] -> q_tot [*batch]"""
+        w1 = self.hyper_w1(state).abs().view(*state.shape[:-1], self.num_agents, self.embed_dim)
+        hidden = F.elu((agent_qs.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        w2 = self.hyper_w2(state).abs()
+        return (hidden * w2).sum(-1) + self.state_value(state).squeeze(-1)
+
+
+class VDNMixer(nn.Module):
+    """VDN: Q_tot = sum_i Q_i (the state is ignored)."""
+
+    def forward(self, agent_qs, state):
+        return agent_qs.sum(-1)
+
+
+class ValueNorm(nn.Module):
+    """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
+
+    def __init__(self, beta=0.99999, epsilon=1e-5):
+        super().__init__()
+        self.beta, self.epsilon = beta, epsilon
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_var(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+
+    def normalize(self, x):
+        mean, var = self.mean_var()
+        return (x - mean) / var.sqrt()
+
+    def denormalize(self, x):
+        mean, var = self.mean_var()
+        return x * var.sqrt() + mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The algorithm's pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+def weighted_mean(x, weights):
+    """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
+    return (x * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def weighted_var(x, weights):
+    """Variance of x over the entries where weights (0/1) is 1."""
+    return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
+
+
+def gae(rewards, values, masks, gamma, gae_lambda):
+    """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
+    (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
+    advantages = torch.zeros_like(values[:-1])
+    last_advantage = torch.zeros_like(values[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_mask = masks[t + 1].unsqueeze(-1)
+        delta = rewards[t].unsqueeze(-1) + gamma * values[t + 1] * next_mask - values[t]
+        last_advantage = delta + gamma * gae_lambda * next_mask * last_advantage
+        advantages[t] = last_advantage
+    return advantages
+
+
+def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
+    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+        G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
+    rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
+    targets = torch.zeros_like(rewards)
+    next_return = q_tot_target[-1]
+    for t in reversed(range(rewards.shape[0])):
+        next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
+        targets[t] = next_return
+    return targets
+
+
+def gumbel_straight_through(logits, tau=1.0):
+    """mu_i for discrete actions: a Gumbel-Softmax sample, one-hot in the forward pass, the softmax's gradient in the
+    backward pass. Masked logits (-1e10) keep probability 0, so an unavailable action is never picked."""
+    gumbels = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1) noise
+    soft = F.softmax((logits + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, weights, clip_coef):
+    """MAPPO's clipped surrogate L_clip (eq. (10), first term), an active-masked mean. -> (loss, approx_kl, clipfrac)"""
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+        approx_kl = weighted_mean((ratio - 1) - logratio, weights)
+        clipfrac = weighted_mean(((ratio - 1.0).abs() > clip_coef).float(), weights)
+    return -weighted_mean(surrogate, weights), approx_kl, clipfrac
+
+
+def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
+    """MAPPO's value loss in normalised units: Huber, with the update clipped around the rollout's values, max of both."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    loss = torch.max(
+        F.huber_loss(values, targets, reduction="none", delta=huber_delta),
+        F.huber_loss(values_clipped, targets, reduction="none", delta=huber_delta),
+    )
+    return weighted_mean(loss, weights)
+
+
+def dpg_loss(mu, q_values, state, mixer, weights):
+    """L_dpg = -Q_tot(s, mu(o)) (eq. (10), second term). mu [*batch, N, A] (straight-through one-hot), q_values
+    [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as constants, so the gradient
+    reaches only the actor, through mu."""
+    agent_qs = (mu * q_values.detach()).sum(-1)
+    frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
+    q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state))
+    return -weighted_mean(q_tot, weights)
+
+
+def soft_update(target, source, tau):
+    """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+            target_param.lerp_(param, tau)
+
+
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def actor_loss(logits, mb, q_values, mixer, nu, clip_coef, ent_coef):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H.
+    logits and q_values [L, B, N, A]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    pg_loss, approx_kl, clipfrac = ppo_loss(dist.log_prob(mb["actions"]), mb["logprobs"], mb["advantages"], weights, clip_coef)
+    entropy = weighted_mean(dist.entropy(), weights)
+    # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+    dpg = dpg_loss(gumbel_straight_through(logits), q_values, mb["state"], mixer, mb["valid"]) if nu > 0 else torch.zeros(())
+    loss = (1 - nu) * pg_loss + nu * dpg - ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+def one_hot_ids(num_agents, batch_shape, device):
+    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
+    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
+
+
+def actor_input(obs):
+    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
+    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+
+
+def critic_input(obs, state):
+    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
+    -> [*batch, N, S + D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+
+
+@torch.no_grad()
+def evaluate(actor, envs, hidden_dim, device, frames=None):
+    """Runs one greedy episode (argmax of the masked logits, fresh hidden states) in each env of envs, to its own end.
+    -> episodic team returns [num_envs]. With a list as frames, appends envs.render() after every step."""
+    obs = torch.as_tensor(envs.reset(), device=device)
+    hidden = torch.zeros(envs.num_envs, envs.num_agents, hidden_dim, device=device)
+    masks = torch.ones(1, envs.num_envs, envs.num_agents, device=device)
+    avail_actions = torch.ones(1, envs.num_envs, envs.num_agents, envs.n_actions, device=device)
+    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
+    if frames is not None:
+        frames.append(envs.render())
+    while running.any():
+        logits, hidden = actor(actor_input(obs)[None], hidden, masks, avail_actions)
+        next_obs, rewards, dones = envs.step(logits[0].argmax(-1).cpu().numpy())
+        returns += running * rewards.sum(-1)
+        running &= ~dones
+        obs = torch.as_tensor(next_obs, device=device)
+        if frames is not None and running.any():
+            frames.append(envs.render())
+    return returns
+
+
+def make_envs(args, num_envs, seed, render_mode=None):
+    if args.env_backend == "mpe2" or render_mode is not None:
+        require("mpe2", "pip install mpe2==1.1.1", "--env-backend mpe2" if render_mode is None else "--capture-video")
+        return MPE2Envs(args.task, num_envs, args.num_agents, seed, render_mode=render_mode)
+    return NumpyMPE(args.task, num_envs, args.num_agents, seed)
+
+
+def save_gif(frames, path):
+    imageio = require("imageio", "pip install imageio", "--capture-video")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, duration=100, loop=0)
+    return path
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_updates = args.total_timesteps // args.batch_size
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # --eval-only: load a saved model, evaluate it greedily, optionally render, and stop
+    if args.eval_only is not None:
+        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "env_backend": args.env_backend})
+        envs = make_envs(saved, args.eval_episodes, args.seed)
+        actor = Actor(envs.obs_dim + saved.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
+        actor.load_state_dict(checkpoint["actor"])
+        returns = evaluate(actor, envs, saved.hidden_dim, device)
+        print(
+            f"{args.eval_only}: {saved.task}, {len(returns)} greedy episodes, "
+            f"return {returns.mean():.2f} +- {returns.std():.2f}"
+        )
+        if args.capture_video:
+            frames = []
+            evaluate(actor, make_envs(saved, 1, args.seed, render_mode="rgb_array"), saved.hidden_dim, device, frames)
+            print("video:", save_gif(frames, f"videos/{os.path.basename(args.eval_only)}.gif"))
+        sys.exit(0)
+
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+    )
+
+    # env setup: the mixer state of MPE is the concatenation of all agents' observations (App. D)
+    envs = make_envs(args, args.num_envs, args.seed)
+    eval_envs = make_envs(args, args.eval_episodes, args.seed + 100_000)
+    E, N, A, H, T = args.num_envs, args.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
+    obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim
+
+    # networks and their three optimisers (SPEC section 2)
+    actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
+    critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
+    # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
+    # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
+        mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
+    target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
+    value_norm = ValueNorm().to(device)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    q_params = list(agent_q.parameters()) + list(mixer.parameters())
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+
+    # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
+    obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
+    state = torch.zeros(T + 1, E, state_dim, device=device)
+    avail_actions = torch.ones(T + 1, E, N, A, device=device)  # MPE: every action is always available
+    masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
+    active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in MPE)
+    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
+    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(T, E, N, device=device)
+    rollout_logits = torch.zeros(T, E, N, A, device=device)
+    rewards = torch.zeros(T, E, device=device)  # team reward: the sum of the agents' rewards
+    values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
+
+    # TRY NOT TO MODIFY: start the game
+    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    next_obs = torch.as_tensor(envs.reset(), device=device)
+    obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
+    episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
+    finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
+    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+
+    for update in range(1, args.num_updates + 1):
+        # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
+        for step in range(T):
+            global_step += E
+            agent_masks = masks[step : step + 1].unsqueeze(-1).expand(1, E, N)  # [1, E, N]
+            with torch.no_grad():
+                # ALGO LOGIC: action logic
+                logits, actor_hidden[step + 1] = actor(
+                    actor_input(obs[step : step + 1]), actor_hidden[step], agent_masks, avail_actions[step : step + 1]
+                )
+                dist = Categorical(logits=logits[0])
+                actions[step] = dist.sample()
+                logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]
+                critic_in = critic_input(obs[step : step + 1], state[step : step + 1])
+                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
+                values[step] = values_step[0]
+                _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            env_start = time.time()
+            next_obs_np, agent_rewards, dones = envs.step(actions[step].cpu().numpy())
+            env_time += time.time() - env_start
+            team_rewards = agent_rewards.sum(-1)
+            rewards[step] = torch.as_tensor(team_rewards, device=device)
+            next_obs = torch.as_tensor(next_obs_np, device=device)
+            obs[step + 1], state[step + 1] = next_obs, next_obs.reshape(E, state_dim)
+            # the 25-step time limit is treated as termination, as MAPPO does: masks cut the bootstrap there
+            masks[step + 1] = torch.as_tensor(1.0 - dones, device=device)
+            episode_returns += team_rewards
+            episode_lengths += 1
+            if dones.any():
+                finished_returns += episode_returns[dones].tolist()
+                finished_lengths += episode_lengths[dones].tolist()
+                episode_returns[dones], episode_lengths[dones] = 0.0, 0
+
+        # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
+        agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
+        with torch.no_grad():
+            critic_in = critic_input(obs, state)  # [T+1, E, N, S + D + N]
+            values[T] = critic(critic_in[T:], critic_hidden[T], agent_masks[T:])[0][0]
+            values_raw = value_norm.denormalize(values)
+            raw_advantages = gae(rewards, values_raw, masks, args.gamma, args.gae_lambda)  # [T, E, N]
+            returns = raw_advantages + values_raw[:T]
+            active = active_masks[:T]
+            # advantages are normalised once per rollout, over the active agents (MAPPO)
+            adv_mean, adv_std = weighted_mean(raw_advantages, active), weighted_var(raw_advantages, active).sqrt()
+            advantages = (raw_advantages - adv_mean) / (adv_std + 1e-5)
+
+            # Qhat'_t at the actions taken, and at the greedy mu(o_T) for the bootstrap at the segment end. The target
+            # network starts from the online Q's stored hidden state (stale, as MAPPO's chunk starts are).
+            target_q_values = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, A]
+            greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
+            target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
+            target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
+            q_returns = td_lambda_targets(rewards, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda)
+
+            # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
+            q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            q_tot_taken = mixer(q_values_online.gather(-1, actions.unsqueeze(-1)).squeeze(-1), state[:T])  # [T, E]
+            probs = rollout_logits.softmax(-1).reshape(-1, A)
+            sampled = torch.multinomial(probs, 8, replacement=True, generator=diagnostics_rng).T.reshape(8, T, E, N)
+            q_sampled = q_values_online.expand(8, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+            control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
+            rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+
+        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
+        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
+        def to_chunks(x, pad_value=0.0):
+            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
+            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+
+        batch = {
+            name: to_chunks(x, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
+            for name, x in {
+                "obs": obs[:T],
+                "state": state[:T],
+                "avail_actions": avail_actions[:T],
+                "masks": masks[:T],
+                "active_masks": active,
+                "actions": actions,
+                "logprobs": logprobs,
+                "advantages": advantages,
+                "returns": returns,
+                "values": values[:T],
+                "q_returns": q_returns,
+                "valid": torch.ones(T, E, device=device),
+            }.items()
+        }
+        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
+        start_hidden = {
+            name: h[chunk_starts].flatten(0, 1)
+            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
+        }
+
+        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
+        n_chunks = n_windows * E
+        stats, grad_var = {}, None
+        for _epoch in range(args.update_epochs):
+            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+                mb = {name: x[:, mb_chunks] for name, x in batch.items()}
+                mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
+                mb_critic_in = critic_input(mb["obs"], mb["state"])
+                logits = actor(actor_input(mb["obs"]), start_hidden["actor"][mb_chunks], mb_masks, mb["avail_actions"])[0]
+                q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
+                new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
+
+                loss, parts = actor_loss(logits, mb, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+                if args.log_grad_var and grad_var is None:
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, actor, args)
+                valid = mb["valid"].bool()
+                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
+                v_loss = value_loss(
+                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
+                )
+                q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
+                q_loss = weighted_mean((q_tot - mb["q_returns"]) ** 2, mb["valid"])
+
+                losses = {
+                    "policy_loss": parts["policy_loss"],
+                    "dpg_loss": parts["dpg_loss"],
+                    "value_loss": v_loss,
+                    "q_loss": q_loss,
+                }
+                if not torch.isfinite(torch.stack(list(losses.values()))).all():
+                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+                    sys.exit(
+                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
+                    )
+
+                for optimizer, module_loss, params in [
+                    (actor_optimizer, loss, actor.parameters()),
+                    (critic_optimizer, v_loss, critic.parameters()),
+                    (q_optimizer, q_loss, q_params),
+                ]:
+                    optimizer.zero_grad()
+                    module_loss.backward()
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_mixer, mixer, args.target_tau)
+
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
+                    stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
+
+        # carry the last slot over: episodes continue across updates
+        for buffer in (obs, state, avail_actions, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
+            buffer[0] = buffer[T]
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int(global_step / (time.time() - start_time))
+        explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        for name, value in stats.items():
+            writer.add_scalar(f"charts/{name}" if name == "q_tot_mean" else f"losses/{name}", value.item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
+        writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
+        if grad_var is not None:
+            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+        if finished_returns:
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            last_return = np.mean(finished_returns)
+            finished_returns, finished_lengths = [], []
+
+        # EVALUATE: greedy episodes with fresh hidden states on separate envs
+        if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
+            eval_return = evaluate(actor, eval_envs, H, device).mean()
+            writer.add_scalar("eval/episodic_return", eval_return, global_step)
+            if args.capture_video:
+                frames = []
+                evaluate(actor, make_envs(args, 1, args.seed + update, render_mode="rgb_array"), H, device, frames)
+                save_gif(frames, f"videos/{run_name}/update_{update}.gif")
+
+        if time.time() - last_print > 10 or update == args.num_updates:
+            last_print = time.time()
+            print(
+                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
+                f"return {last_return:.2f} | eval {eval_return:.2f} | rvar {rvar_value.item():.3f}",
+                flush=True,
+            )
+
+    wall = time.time() - start_time
+    print(
+        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
+        f"env stepping took {env_time / wall:.0%} of the time"
+    )
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        checkpoint = {
+            "args": asdict(args),
+            **{
+                name: net.state_dict()
+                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
+            },
+            "value_norm": value_norm.state_dict(),
+        }
+        torch.save(checkpoint, model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
+        print(f"model saved to {model_path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()

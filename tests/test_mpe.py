@@ -1,0 +1,116 @@
+"""maipg_mpe.py end to end: smoke runs of every task on both backends, save then --eval-only, bad input, a NaN stop,
+nu = 0 being MAPPO update for update, and a short learning test."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import maipg_mpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "maipg_mpe.py")
+TINY = ["--num-envs", "3", "--num-steps", "25", "--total-timesteps", "150", "--update-epochs", "2", "--eval-episodes", "2"]
+
+
+def run(args, cwd, check=True):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def saved_model(cwd):
+    (path,) = glob.glob(os.path.join(cwd, "runs", "*", "maipg_mpe.pt"))
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mpe2"])
+@pytest.mark.parametrize("task", ["spread", "line", "formation"])
+def test_smoke(task, backend, tmp_path):
+    result = run(["--task", task, "--env-backend", backend, "--num-agents", "3", "--eval-interval", "1", *TINY], tmp_path)
+    assert "update 2/2" in result.stdout and "SPS" in result.stdout
+    assert glob.glob(os.path.join(tmp_path, "runs", "*", "events.out.tfevents.*"))
+
+
+def test_save_model_then_eval_only(tmp_path):
+    run(["--task", "line", "--num-agents", "3", "--no-recurrent", "--save-model", "--log-grad-var", *TINY], tmp_path)
+    (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "maipg_mpe.pt"))
+    checkpoint = torch.load(path, weights_only=True)
+    assert {"args", "actor", "critic", "agent_q", "mixer", "value_norm"} <= set(checkpoint)
+    assert checkpoint["value_norm"]["debiasing_term"] > 0  # the normaliser's state travels with the model
+    assert not glob.glob(os.path.join(tmp_path, "runs", "*", "*.tmp"))
+    result = run(["--eval-only", path, "--eval-episodes", "3"], tmp_path)
+    assert "3 greedy episodes" in result.stdout and "line" in result.stdout
+
+
+def test_nu_zero_is_mappo(tmp_path):
+    """With nu = 0 the actor and V must not depend on the Q branch at all: two runs from the same seed whose Q branches
+    differ completely (mixer, TD(lambda), target rate) end with identical actor and V parameters (so they also saw the
+    same rollouts). The control: with nu > 0 the same change does move the actor."""
+    common = ["--task", "spread", "--num-agents", "3", "--save-model", "--eval-interval", "0", *TINY]
+    runs = {}
+    for name, extra in {
+        "qmix": ["--nu", "0", "--mixer", "qmix"],
+        "vdn": ["--nu", "0", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
+        "qmix_nu": ["--nu", "0.5", "--mixer", "qmix"],
+        "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
+    }.items():
+        os.makedirs(tmp_path / name)
+        run(extra + common, tmp_path / name)
+        runs[name] = saved_model(tmp_path / name)
+    for net in ("actor", "critic"):
+        for key, value in runs["qmix"][net].items():
+            assert torch.equal(value, runs["vdn"][net][key]), f"nu = 0: {net}.{key} depends on the Q branch"
+    assert not torch.equal(runs["qmix"]["agent_q"]["head.weight"], runs["vdn"]["agent_q"]["head.weight"])
+    assert not torch.equal(runs["qmix_nu"]["actor"]["head.weight"], runs["vdn_nu"]["actor"]["head.weight"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--task", "tag"], "--task must be one of spread, line, formation"),
+        (["--nu", "1.5"], "--nu must be in [0, 1]"),
+        (["--nu", "-0.1"], "--nu must be in [0, 1]"),
+        (["--num-envs", "0"], "--num-envs must be >= 1"),
+        (["--num-steps", "0"], "--num-steps must be >= 1"),
+        (["--total-timesteps", "100"], "--total-timesteps (100) is smaller than one rollout"),
+        (["--mixer", "qtran"], "--mixer must be qmix or vdn"),
+        (["--env-backend", "gym"], "--env-backend must be numpy or mpe2"),
+        (["--num-minibatches", "0"], "--num-minibatches must be in [1, 384]"),
+        (["--eval-only", "no/such/model.pt"], "--eval-only: no such file"),
+    ],
+)
+def test_bad_input_is_one_line(flags, message, capsys):
+    args = maipg_mpe.Args(**maipg_mpe.tyro.cli(maipg_mpe.Args, args=flags).__dict__)
+    with pytest.raises(SystemExit) as exit_info:
+        maipg_mpe.check_args(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    result = run(["--nu", "2"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["maipg_mpe.py: error: --nu must be in [0, 1], got 2.0"]
+
+
+def test_missing_optional_package_is_one_line(tmp_path):
+    # wandb is not a requirement: --track without it must say how to install it, not raise ImportError
+    if subprocess.run([sys.executable, "-c", "import wandb"], capture_output=True).returncode == 0:
+        pytest.skip("wandb is installed here")
+    result = run(["--track", *TINY], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["maipg_mpe.py: error: --track needs wandb: pip install wandb"]
+
+
+def test_nan_loss_stops_with_the_update_number(tmp_path):
+    result = run(["--learning-rate", "1e30", *TINY], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "update 1: losses/" in result.stderr and "Traceback" not in result.stderr

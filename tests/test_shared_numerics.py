@@ -1,0 +1,309 @@
+"""The numeric pieces every script repeats (CleanRL's single-file way), checked in EVERY maipg_*.py against one
+reference written here: GAE, gated TD(lambda), ValueNorm, the mixers, the losses, Gumbel straight-through, the GRU
+trunk's resets and the diagnostics. A second test asserts that each piece's source is identical in every script, so
+a fix made in one script and forgotten in another fails here."""
+
+import glob
+import importlib
+import inspect
+import os
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "maipg_*.py")))
+# Pieces that must be byte-identical in every script. The discrete-action ones (Gumbel, the one-hot dpg loss) are
+# checked in the scripts that define them: the continuous script's mu is the Gaussian mean.
+SHARED = [
+    "layer_init",
+    "Trunk",
+    "QMixer",
+    "VDNMixer",
+    "ValueNorm",
+    "weighted_mean",
+    "weighted_var",
+    "gae",
+    "td_lambda_targets",
+    "ppo_loss",
+    "value_loss",
+    "soft_update",
+    "rvar",
+    "grad_variance",
+]
+DISCRETE = ["gumbel_straight_through", "dpg_loss"]
+
+
+@pytest.fixture(params=SCRIPTS)
+def script(request):
+    return importlib.import_module(request.param)
+
+
+def test_every_script_is_found():
+    assert "maipg_mpe" in SCRIPTS
+
+
+@pytest.mark.parametrize("name", SHARED + DISCRETE)
+def test_shared_source_is_identical_in_every_script(name):
+    reference = inspect.getsource(getattr(importlib.import_module("maipg_mpe"), name))
+    for script_name in SCRIPTS:
+        module = importlib.import_module(script_name)
+        if name in DISCRETE and not hasattr(module, name):
+            continue
+        assert inspect.getsource(getattr(module, name)) == reference, f"{script_name}.{name} differs from maipg_mpe.{name}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GAE and TD(lambda)
+# ---------------------------------------------------------------------------------------------------------------------
+def reference_gae(rewards, values, masks, gamma, lam):
+    """Plain loops over envs, agents and time (MAPPO's compute_returns with ValueNorm off)."""
+    T, E = rewards.shape
+    N = values.shape[2]
+    adv = np.zeros((T, E, N))
+    for e in range(E):
+        for i in range(N):
+            running = 0.0
+            for t in reversed(range(T)):
+                delta = rewards[t, e] + gamma * values[t + 1, e, i] * masks[t + 1, e] - values[t, e, i]
+                running = delta + gamma * lam * masks[t + 1, e] * running
+                adv[t, e, i] = running
+    return adv
+
+
+def test_gae_matches_a_plain_loop(script):
+    rng = np.random.default_rng(0)
+    T, E, N = 13, 3, 4
+    rewards, values = rng.normal(size=(T, E)), rng.normal(size=(T + 1, E, N))
+    masks = (rng.random((T + 1, E)) > 0.2).astype(float)
+    got = script.gae(torch.tensor(rewards), torch.tensor(values), torch.tensor(masks), 0.99, 0.95)
+    np.testing.assert_allclose(got.numpy(), reference_gae(rewards, values, masks, 0.99, 0.95), rtol=1e-10, atol=1e-10)
+
+
+def test_gae_does_not_bootstrap_across_an_episode_end(script):
+    rewards = torch.tensor([[1.0], [1.0]])
+    values = torch.tensor([[[0.0]], [[0.0]], [[100.0]]])
+    masks = torch.tensor([[1.0], [1.0], [0.0]])  # the episode ended at t = 1
+    got = script.gae(rewards, values, masks, 0.5, 1.0)
+    np.testing.assert_allclose(got[:, 0, 0].numpy(), [1.5, 1.0])
+
+
+def test_td_lambda_with_an_episode_restarting_mid_segment(script):
+    # Worked by hand with gamma = lambda = 0.5; masks[2] = 0: the episode ended at t = 1 and a new one starts at t = 2.
+    #   G_4 = Qhat_4 = 50
+    #   G_3 = 4 + 0.5 * (0.5 * 50 + 0.5 * 50) = 29
+    #   G_2 = 3 + 0.5 * (0.5 * 29 + 0.5 * 40) = 20.25
+    #   G_1 = 2 + 0.5 * 0 * (...) = 2                     (no bootstrap across the restart)
+    #   G_0 = 1 + 0.5 * (0.5 * 2 + 0.5 * 20) = 6.5
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]
+    q_tot_target = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])[:, None]
+    masks = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])[:, None]
+    got = script.td_lambda_targets(rewards, q_tot_target, masks, 0.5, 0.5)
+    np.testing.assert_allclose(got[:, 0].numpy(), [6.5, 2.0, 20.25, 29.0])
+
+
+def test_td_lambda_limits(script):
+    rng = np.random.default_rng(1)
+    T, E = 9, 2
+    rewards, q = torch.tensor(rng.normal(size=(T, E))), torch.tensor(rng.normal(size=(T + 1, E)))
+    masks = torch.tensor((rng.random((T + 1, E)) > 0.3).astype(float))
+    one_step = script.td_lambda_targets(rewards, q, masks, 0.9, 0.0)  # lambda = 0: r + gamma * m * Qhat'
+    np.testing.assert_allclose(one_step.numpy(), (rewards + 0.9 * masks[1:] * q[1:]).numpy(), rtol=1e-12)
+    monte_carlo = script.td_lambda_targets(rewards, q, masks, 0.9, 1.0)  # lambda = 1: discounted sum + final bootstrap
+    expected = np.zeros((T, E))
+    for e in range(E):
+        g = q[T, e].item()
+        for t in reversed(range(T)):
+            g = rewards[t, e].item() + 0.9 * masks[t + 1, e].item() * g
+            expected[t, e] = g
+    np.testing.assert_allclose(monte_carlo.numpy(), expected, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ValueNorm
+# ---------------------------------------------------------------------------------------------------------------------
+def test_value_norm_round_trip_and_debiasing(script):
+    norm = script.ValueNorm()
+    x = torch.tensor([3.0, 5.0, 7.0, 13.0])
+    norm.update(x)
+    mean, var = norm.mean_var()
+    # after one update the debiased statistics are exactly the batch's, although the raw EMA holds (1 - beta) of them
+    np.testing.assert_allclose(mean.item(), x.mean().item(), rtol=1e-5)
+    np.testing.assert_allclose(var.item(), x.var(unbiased=False).item(), rtol=1e-4)
+    assert norm.running_mean.item() < 1e-3 * x.mean().item()
+    y = torch.randn(50) * 4 + 2
+    torch.testing.assert_close(norm.denormalize(norm.normalize(y)), y)
+    norm.update(torch.full((4,), 100.0))  # the second batch weighs as much as the first (beta ~ 1)
+    np.testing.assert_allclose(norm.mean_var()[0].item(), (x.mean().item() + 100.0) / 2, rtol=1e-4)
+
+
+def test_value_norm_variance_floor(script):
+    norm = script.ValueNorm()
+    norm.update(torch.full((8,), 2.0))
+    assert norm.mean_var()[1].item() == pytest.approx(1e-2)  # MAPPO clamps the variance at 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixers
+# ---------------------------------------------------------------------------------------------------------------------
+def test_qmix_is_monotonic_in_every_agent_q(script):
+    torch.manual_seed(0)
+    mixer = script.QMixer(4, 12)
+    for param in mixer.parameters():  # random, large weights of both signs: monotonicity must not depend on init
+        torch.nn.init.normal_(param, std=2.0)
+    agent_qs = torch.randn(256, 4, requires_grad=True)
+    state = torch.randn(256, 12)
+    (grad,) = torch.autograd.grad(mixer(agent_qs, state).sum(), agent_qs)
+    assert (grad >= 0).all()
+    assert (grad > 0).any()
+
+
+def test_qmix_shapes_and_state_dependence(script):
+    torch.manual_seed(0)
+    mixer = script.QMixer(3, 6)
+    agent_qs, state = torch.randn(5, 7, 3), torch.randn(5, 7, 6)
+    assert mixer(agent_qs, state).shape == (5, 7)
+    assert not torch.allclose(mixer(agent_qs, state), mixer(agent_qs, state + 1.0))
+
+
+def test_vdn_is_the_sum(script):
+    agent_qs = torch.randn(5, 7, 3)
+    torch.testing.assert_close(script.VDNMixer()(agent_qs, torch.randn(5, 7, 2)), agent_qs.sum(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+def test_ppo_loss_matches_the_formula(script):
+    torch.manual_seed(0)
+    logp, old_logp, adv = torch.randn(40), torch.randn(40) * 0.1, torch.randn(40)
+    weights = (torch.rand(40) > 0.3).float()
+    loss, approx_kl, clipfrac = script.ppo_loss(logp, old_logp, adv, weights, 0.2)
+    ratio = (logp - old_logp).exp()
+    expected = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv)[weights > 0].mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(clipfrac, ((ratio - 1).abs() > 0.2).float()[weights > 0].mean())
+    torch.testing.assert_close(approx_kl, ((ratio - 1) - (logp - old_logp))[weights > 0].mean())
+
+
+def test_value_loss_matches_mappo(script):
+    torch.manual_seed(0)
+    values, old_values, targets = torch.randn(30) * 20, torch.randn(30) * 20, torch.randn(30) * 20
+    weights = torch.ones(30)
+    got = script.value_loss(values, old_values, targets, weights, 0.2, 10.0)
+
+    def huber(e, d=10.0):
+        return torch.where(e.abs() <= d, e**2 / 2, d * (e.abs() - d / 2))
+
+    clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
+    torch.testing.assert_close(got, torch.max(huber(targets - values), huber(targets - clipped)).mean())
+
+
+def test_weighted_mean_ignores_masked_entries(script):
+    x = torch.tensor([1.0, 2.0, 100.0])
+    assert script.weighted_mean(x, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(1.5)
+    assert script.weighted_mean(x, torch.zeros(3)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (issue 6): RVar and the sub-batch gradient variance
+# ---------------------------------------------------------------------------------------------------------------------
+def test_rvar(script):
+    torch.manual_seed(0)
+    adv, weights = torch.randn(20_000), torch.ones(20_000)
+    assert script.rvar(adv, adv, weights).item() == pytest.approx(0.0, abs=1e-6)  # a perfect control variate
+    assert script.rvar(adv, adv * 0.5, weights).item() == pytest.approx(0.25, rel=1e-4)
+    noise = torch.randn(20_000) * 0.1  # independent of A: Var(A - C) / Var(A) = 1 + Var(C) / Var(A) ~ 1.01
+    assert script.rvar(adv, noise, weights).item() == pytest.approx(1.01, abs=0.01)
+
+
+def test_grad_variance(script):
+    same = torch.randn(1, 50).expand(8, 50)
+    assert script.grad_variance(same).item() == pytest.approx(0.0, abs=1e-12)
+    two = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert script.grad_variance(two).item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The GRU trunk and soft target updates
+# ---------------------------------------------------------------------------------------------------------------------
+def test_trunk_resets_memory_where_masks_are_zero(script):
+    torch.manual_seed(0)
+    trunk = script.Trunk(6, 16, recurrent=True)
+    x, hidden = torch.randn(10, 3, 6), torch.randn(3, 16)
+    masks = torch.ones(10, 3)
+    masks[4, 1] = 0.0  # env 1 restarts at step 4
+    fused, _ = trunk(x, hidden, torch.ones(10, 3))
+    stepped, _ = trunk(x, hidden, masks)
+    fresh, _ = trunk(x[4:, 1:2], torch.zeros(1, 16), torch.ones(6, 1))
+    torch.testing.assert_close(stepped[4:, 1:2], fresh)  # from the restart on: as if from a zero hidden state
+    torch.testing.assert_close(stepped[:, 0], fused[:, 0])  # the step-by-step path equals the fused one elsewhere
+    torch.testing.assert_close(stepped[:4], fused[:4])
+
+
+def test_soft_update(script):
+    source, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = 0.1 * source.weight.detach() + 0.9 * target.weight.detach()
+    script.soft_update(target, source, 0.1)
+    torch.testing.assert_close(target.weight.detach(), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Discrete actions: Gumbel straight-through and the dpg loss
+# ---------------------------------------------------------------------------------------------------------------------
+DISCRETE_SCRIPTS = [name for name in SCRIPTS if hasattr(importlib.import_module(name), "gumbel_straight_through")]
+
+
+@pytest.fixture(params=DISCRETE_SCRIPTS)
+def discrete_script(request):
+    return importlib.import_module(request.param)
+
+
+def test_gumbel_forward_is_one_hot_on_available_actions(discrete_script):
+    torch.manual_seed(0)
+    avail = (torch.rand(2000, 7) > 0.5).float()
+    avail[:, 3] = 1.0  # at least one available action per row
+    logits = torch.randn(2000, 7).masked_fill(avail == 0, -1e10)
+    mu = discrete_script.gumbel_straight_through(logits)
+    assert ((mu == 0) | (mu == 1)).all() and (mu.sum(-1) == 1).all()
+    assert (mu * (1 - avail)).sum() == 0  # never an unavailable action
+
+
+def test_gumbel_samples_follow_the_softmax(discrete_script):
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0]).expand(40_000, 4)
+    frequencies = discrete_script.gumbel_straight_through(logits).mean(0)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
+
+
+def test_gumbel_backward_is_the_softmax_gradient(discrete_script):
+    logits = torch.randn(6, 5, requires_grad=True)
+    weights = torch.randn(5)
+    torch.manual_seed(3)
+    (grad,) = torch.autograd.grad((discrete_script.gumbel_straight_through(logits) * weights).sum(), logits)
+    torch.manual_seed(3)  # the same Gumbel noise, drawn as the function draws it
+    gumbels = -torch.empty_like(logits).exponential_().log()
+    (expected,) = torch.autograd.grad((torch.softmax(logits + gumbels, -1) * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_dpg_loss_reaches_only_the_actor():
+    mpe = importlib.import_module("maipg_mpe")
+    torch.manual_seed(0)
+    N, D, S, A, H = 3, 4, 12, 5, 16
+    actor = mpe.Actor(D + N, A, H, True)
+    critic = mpe.Critic(S + D + N, H, True)
+    agent_q = mpe.AgentQ(S + D + N, A, H, True)
+    mixer = mpe.QMixer(N, S)
+    obs, state = torch.randn(4, 2, N, D), torch.randn(4, 2, S)
+    masks, avail = torch.ones(4, 2, N), torch.ones(4, 2, N, A)
+    logits, _ = actor(mpe.actor_input(obs), torch.zeros(2, N, H), masks, avail)
+    critic_in = mpe.critic_input(obs, state)
+    q_values, _ = agent_q(critic_in, torch.zeros(2, N, H), masks)
+    values, _ = critic(critic_in, torch.zeros(2, N, H), masks)
+    loss = mpe.dpg_loss(mpe.gumbel_straight_through(logits), q_values, state, mixer, torch.ones(4, 2))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
+    for module in (critic, agent_q, mixer):
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())
