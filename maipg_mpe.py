@@ -15,6 +15,8 @@ Gumbel-Softmax sample). nu trades bias for variance: nu = 0 is exactly MAPPO, la
 """
 
 import copy
+import importlib
+import itertools
 import os
 import random
 import sys
@@ -26,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from scipy.optimize import linear_sum_assignment
 from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
@@ -159,55 +162,235 @@ def require(module: str, install: str, flag: str):
         sys.exit(2)
 
 
-MPE_TASKS = {"spread": "simple_spread_v3", "line": "simple_line_v1", "formation": "simple_formation_v1"}
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: MPE spread / line / formation.
+# `NumpyMPE` is a batched NumPy port of exactly these three mpe2 tasks: all envs are stepped together as arrays and it
+# matches mpe2 step for step from the same seed (tests/test_mpe_port.py). `MPE2Envs` runs the real mpe2 package.
+# ---------------------------------------------------------------------------------------------------------------------
+# task -> (mpe2 module, agent radius, local_ratio), the constants mpe2's raw_env / Scenario.make_world set
+MPE_TASKS = {
+    "spread": ("simple_spread_v3", 0.15, 0.5),
+    "line": ("simple_line_v1", 0.03, 0.0),
+    "formation": ("simple_formation_v1", 0.05, 0.0),
+}
+MPE_MAX_CYCLES = 25  # episode length (time limit; these tasks have no success termination)
+MPE_DT, MPE_DAMPING, MPE_SENSITIVITY = 0.1, 0.25, 5.0  # core.World.dt / .damping, SimpleEnv._set_action's sensitivity
+MPE_CONTACT_FORCE, MPE_CONTACT_MARGIN = 1e2, 1e-3  # core.World.contact_force / .contact_margin
+LINE_TOTAL_SEP = 1.25  # simple_line: distance between its two landmarks
+FORMATION_RADIUS = 0.5  # simple_formation: radius of the target circle
+# discrete action -> direction of the push (SimpleEnv._set_action): no-op, left, right, down, up
+MPE_ACTION_DIRECTIONS = np.array([[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+
+
+def xy_norm(v: np.ndarray) -> np.ndarray:
+    """Euclidean length over the last axis (x, y), computed as mpe2's np.sqrt(np.sum(np.square(v)))."""
+    return np.sqrt(np.square(v[..., 0]) + np.square(v[..., 1]))
+
+
+def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> np.ndarray:
+    """Agent-to-target distances of the cheapest one-to-one matching, as mpe2's linear_sum_assignment gives them.
+
+    dists [E, N agents, N targets] -> [E, N] (entry k: agent k's distance to its matched target). With `perms`
+    (all N! matchings as permutations, [P, N]) every matching is scored at once and the cheapest taken: the same
+    optimum as scipy's, batched over envs (faster for N <= 5). Otherwise scipy solves each env in turn.
+    """
+    if perms is None:
+        return np.stack([d[linear_sum_assignment(d)] for d in dists])
+    matched = dists[:, np.arange(dists.shape[1])[:, None], perms.T]  # [E, N, P]: agent k's distance under matching p
+    best = matched.sum(axis=1).argmin(axis=1)  # [E]
+    return matched[np.arange(len(dists)), :, best]
+
+
+class NumpyMPE:
+    """All envs of one MPE task stepped together as arrays (a batched port of mpe2).
+
+    Env i draws its initial states from np.random.default_rng(seed + i), the generator mpe2 builds in
+    `env.reset(seed=seed + i)`, and in mpe2's order, so both give the same episodes. An env whose episode ends
+    (after 25 steps) is reset inside `step`: its returned obs is the first obs of its next episode.
+    """
+
+    def __init__(self, task: str, num_envs: int, num_agents: int, seed: int, continuous_actions: bool = False):
+        self.task, self.num_envs, self.num_agents = task, num_envs, num_agents
+        self.continuous_actions = continuous_actions
+        _, self.agent_size, self.local_ratio = MPE_TASKS[task]
+        self.n_actions = self.action_dim = 5  # Discrete(5) / Box(0, 1, (5,)): no-op, left, right, down, up
+        self.max_cycles = MPE_MAX_CYCLES
+        self.num_landmarks = {"spread": num_agents, "line": 2, "formation": 1}[task]
+        # obs = [own vel, own pos, landmark positions, (spread:) other agents' positions and their (silent, zero) comms]
+        self.obs_dim = 4 + 2 * self.num_landmarks + (4 * (num_agents - 1) if task == "spread" else 0)
+        self.rngs = [np.random.default_rng(seed + i) for i in range(num_envs)]
+        # others[i] = the agents other than i, in order (spread's observation)
+        self.others = np.array([[j for j in range(num_agents) if j != i] for i in range(num_agents)])  # [N, N-1]
+        # line / formation: all N! matchings, scored at once where that beats scipy's per-env loop (N <= 5)
+        self.perms = np.array(list(itertools.permutations(range(num_agents)))) if num_agents <= 5 else None
+        self.pos = np.zeros((num_envs, num_agents, 2))  # agents' positions
+        self.vel = np.zeros((num_envs, num_agents, 2))
+        self.landmarks = np.zeros((num_envs, self.num_landmarks, 2))
+        # the points agents are matched to: line: evenly spaced between its landmarks (set at reset); formation: a circle
+        self.targets = np.zeros((num_envs, num_agents, 2))
+        self.steps = np.zeros(num_envs, dtype=np.int64)
+
+    def _reset_envs(self, env_ids: np.ndarray):
+        """Scenario.reset_world for the envs in env_ids: agents and landmarks placed uniformly at random, at rest."""
+        n, num_agents = len(env_ids), self.num_agents
+        # each env draws all its uniforms from its own generator, in reset_world's order; uniform(lo, hi) = lo + (hi-lo) * U
+        num_draws = 2 * num_agents + {"spread": 2 * num_agents, "line": 3, "formation": 2}[self.task]
+        draws = np.stack([self.rngs[i].random(num_draws) for i in env_ids])  # [n, num_draws]
+        self.pos[env_ids] = (-1.0 + 2.0 * draws[:, : 2 * num_agents]).reshape(n, num_agents, 2)
+        self.vel[env_ids] = 0.0
+        self.steps[env_ids] = 0
+        rest = draws[:, 2 * num_agents :]
+        if self.task == "spread":
+            self.landmarks[env_ids] = (-1.0 + 2.0 * rest).reshape(n, num_agents, 2)
+        elif self.task == "formation":
+            self.landmarks[env_ids, 0] = -0.5 + 1.0 * rest
+        else:  # line: landmark 0 near the centre, landmark 1 at LINE_TOTAL_SEP in a random direction inside [-1, 1]^2
+            start = -0.25 + 0.5 * rest[:, :2]  # [n, 2]
+            theta = 0.0 + 2 * np.pi * rest[:, 2]  # [n]
+            end = start + LINE_TOTAL_SEP * np.stack([np.cos(theta), np.sin(theta)], axis=1)
+            outside = ~((np.abs(end[:, 0]) < 1.0) & (np.abs(end[:, 1]) < 1.0))
+            while outside.any():  # rotate by 5 degrees until inside, as reset_world does (vectorised over envs)
+                theta[outside] += np.radians(5)
+                end = start + LINE_TOTAL_SEP * np.stack([np.cos(theta), np.sin(theta)], axis=1)
+                outside = ~((np.abs(end[:, 0]) < 1.0) & (np.abs(end[:, 1]) < 1.0))
+            direction = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # [n, 2]
+            self.landmarks[env_ids] = np.stack([start, end], axis=1)
+            spacing = LINE_TOTAL_SEP / (num_agents - 1) if num_agents > 1 else 0.0
+            offsets = (np.arange(num_agents) * spacing)[None, :, None] * direction[:, None]  # [n, N, 2]
+            self.targets[env_ids] = start[:, None] + offsets
+
+    def _observe(self) -> np.ndarray:
+        """Scenario.observation for every agent of every env: [E, N, obs_dim] float32."""
+        parts = [
+            self.vel,
+            self.pos,
+            (self.landmarks[:, None] - self.pos[:, :, None]).reshape(self.num_envs, self.num_agents, -1),
+        ]
+        if self.task == "spread":
+            others = self.pos[:, self.others] - self.pos[:, :, None]  # [E, N, N-1, 2]: [:, i, k] = pos_others[i, k] - pos_i
+            parts += [
+                others.reshape(self.num_envs, self.num_agents, -1),
+                np.zeros((self.num_envs, self.num_agents, 2 * (self.num_agents - 1))),
+            ]
+        return np.concatenate(parts, axis=2).astype(np.float32)
+
+    def _rewards(self) -> np.ndarray:
+        """SimpleEnv._execute_world_step's rewards: global * (1 - local_ratio) + own * local_ratio, [E, N]."""
+        if self.task == "spread":
+            # global: minus the sum over landmarks of the closest agent's distance
+            dist_to_landmarks = xy_norm(self.pos[:, :, None] - self.landmarks[:, None])  # [E, N, L]
+            global_reward = -dist_to_landmarks.min(axis=1).sum(axis=1)  # [E]
+            # own: -1 per other agent overlapping this one (Scenario.is_collision)
+            dist = xy_norm(self.pos[:, :, None] - self.pos[:, None])  # [E, N, N]
+            overlap = (dist < 2 * self.agent_size) & ~np.eye(self.num_agents, dtype=bool)
+            own_reward = -1.0 * overlap.sum(axis=2)  # [E, N]
+        else:
+            if self.task == "formation":  # targets: a circle around the landmark, anchored at the smallest agent angle
+                rel = self.pos - self.landmarks  # [E, N, 2]
+                angle = np.arctan2(rel[..., 1], rel[..., 0])
+                angle = np.where(angle < 0, angle + 2 * np.pi, angle)  # _find_angle: in [0, 2 pi)
+                target_angle = angle.min(axis=1)[:, None] + np.arange(self.num_agents) * (2 * np.pi / self.num_agents)
+                circle = FORMATION_RADIUS * np.stack([np.cos(target_angle), np.sin(target_angle)], axis=2)  # [E, N, 2]
+                self.targets = self.landmarks + circle
+            # global: minus the mean distance (clipped to [0, 2]) of agents to their matched targets (_compute_line/formation)
+            dists = xy_norm(self.pos[:, :, None] - self.targets[:, None])  # [E, N, N]
+            matched = optimal_matching_distances(dists, self.perms)
+            global_reward = -np.mean(np.clip(matched, 0, 2), axis=1)
+            own_reward = np.zeros((self.num_envs, self.num_agents))  # line / formation: Scenario.reward is 0
+        return global_reward[:, None] * (1 - self.local_ratio) + own_reward * self.local_ratio
+
+    def reset(self) -> np.ndarray:
+        self._reset_envs(np.arange(self.num_envs))
+        return self._observe()
+
+    def step(self, actions) -> tuple:
+        # SimpleEnv._set_action: the agents' pushes [E, N, 2]
+        if self.continuous_actions:
+            actions = np.clip(np.asarray(actions, dtype=np.float32), 0.0, 1.0)  # mpe2's ClipOutOfBoundsWrapper
+            push = (actions[..., [2, 4]] - actions[..., [1, 3]]).astype(np.float64)  # (right - left, up - down)
+        else:
+            push = MPE_ACTION_DIRECTIONS[actions]
+        # World.apply_environment_force: soft contact force between each pair of agents, contact[:, i, j] acts on i
+        delta = self.pos[:, :, None] - self.pos[:, None]  # [E, N, N, 2]
+        dist = xy_norm(delta)  # [E, N, N]
+        dist[:, np.arange(self.num_agents), np.arange(self.num_agents)] = np.inf  # no force of an agent on itself
+        k = MPE_CONTACT_MARGIN
+        penetration = np.logaddexp(0, -(dist - 2 * self.agent_size) / k) * k
+        contact = MPE_CONTACT_FORCE * delta / dist[..., None] * penetration[..., None]  # [E, N, N, 2]
+        # summed in mpe2's order: the push first, then the other agents in index order
+        force = np.concatenate([push[:, :, None] * MPE_SENSITIVITY, contact], axis=2).sum(axis=2)  # [E, N, 2]
+        # World.integrate_state (mass 1, no max speed): position moves with the old velocity
+        self.pos = self.pos + self.vel * MPE_DT
+        self.vel = self.vel * (1 - MPE_DAMPING) + force * MPE_DT
+        rewards = self._rewards().astype(np.float32)
+        # time limit: finished envs start their next episode now (same-step auto-reset)
+        self.steps += 1
+        dones = self.steps >= self.max_cycles
+        if dones.any():
+            self._reset_envs(np.flatnonzero(dones))
+        return self._observe(), rewards, dones
+
+    def close(self):
+        pass  # nothing to release
 
 
 class MPE2Envs:
-    """interim"""
+    """The real mpe2 package: one mpe2 parallel_env per env, stepped in a Python loop; same API as NumpyMPE."""
 
     def __init__(self, task, num_envs, num_agents, seed, continuous_actions=False, render_mode=None):
-        import importlib
-
-        module = importlib.import_module(f"mpe2.{MPE_TASKS[task]}")
-        kwargs = {"local_ratio": 0.5} if task == "spread" else {}
+        module = importlib.import_module(f"mpe2.{MPE_TASKS[task][0]}")
+        kwargs = {"local_ratio": MPE_TASKS[task][2]} if task == "spread" else {}  # line / formation fix theirs to 0
         self.envs = [
-            module.parallel_env(N=num_agents, max_cycles=25, render_mode=render_mode, **kwargs) for _ in range(num_envs)
+            module.parallel_env(
+                N=num_agents,
+                max_cycles=MPE_MAX_CYCLES,
+                continuous_actions=continuous_actions,
+                render_mode=render_mode,
+                **kwargs,
+            )
+            for _ in range(num_envs)
         ]
-        self.num_envs, self.num_agents, self.seed, self.n_actions, self.max_cycles = num_envs, num_agents, seed, 5, 25
         self.agents = self.envs[0].possible_agents
+        self.num_envs, self.num_agents, self.seed = num_envs, num_agents, seed
+        self.continuous_actions = continuous_actions
         self.obs_dim = self.envs[0].observation_space(self.agents[0]).shape[0]
-        self.steps = np.zeros(num_envs, dtype=int)
-        self.first = True
+        action_space = self.envs[0].action_space(self.agents[0])
+        self.n_actions = self.action_dim = action_space.shape[0] if continuous_actions else action_space.n
+        self.max_cycles = MPE_MAX_CYCLES
+        self.seeded = False
 
-    def reset(self):
-        out = []
+    def _stack(self, obs: dict) -> np.ndarray:
+        return np.stack([obs[agent] for agent in self.agents])  # [N, obs_dim]
+
+    def reset(self) -> np.ndarray:
+        # env i is seeded with seed + i on the first reset only; later resets continue its generator
+        seeds = [None] * self.num_envs if self.seeded else [int(self.seed) + i for i in range(self.num_envs)]
+        self.seeded = True
+        return np.stack([self._stack(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
+
+    def step(self, actions) -> tuple:
+        # float32 actions: the Box space rejects (warns and clips) float64 ones
+        actions = np.asarray(actions, dtype=np.float32 if self.continuous_actions else np.int64)
+        obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
+        rewards = np.zeros((self.num_envs, self.num_agents), dtype=np.float32)
+        dones = np.zeros(self.num_envs, dtype=bool)
         for i, env in enumerate(self.envs):
-            o, _ = env.reset(seed=self.seed + i) if self.first else env.reset()
-            out.append([o[a] for a in self.agents])
-        self.first = False
-        return np.asarray(out, dtype=np.float32)
+            act = {
+                agent: (actions[i, k] if self.continuous_actions else int(actions[i, k]))
+                for k, agent in enumerate(self.agents)
+            }
+            env_obs, env_rewards, terminations, truncations, _ = env.step(act)
+            rewards[i] = [env_rewards[agent] for agent in self.agents]
+            dones[i] = all(terminations.values()) or all(truncations.values())
+            obs[i] = self._stack(env.reset()[0] if dones[i] else env_obs)
+        return obs, rewards, dones
 
-    def step(self, actions):
-        obs, rew, dones = [], [], []
-        for i, env in enumerate(self.envs):
-            o, r, te, tr, _ = env.step({a: int(actions[i, j]) for j, a in enumerate(self.agents)})
-            rew.append([r[a] for a in self.agents])
-            d = all(te[a] or tr[a] for a in self.agents)
-            if d:
-                o, _ = env.reset()
-            obs.append([o[a] for a in self.agents])
-            dones.append(d)
-        return np.asarray(obs, dtype=np.float32), np.asarray(rew, dtype=np.float32), np.asarray(dones)
-
-    def render(self):
+    def render(self) -> np.ndarray:
         return self.envs[0].render()
 
     def close(self):
         for env in self.envs:
             env.close()
-
-
-NumpyMPE = MPE2Envs
 
 
 # ---------------------------------------------------------------------------------------------------------------------

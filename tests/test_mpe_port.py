@@ -1,0 +1,95 @@
+"""maipg_mpe.NumpyMPE (the batched NumPy port) against maipg_mpe.MPE2Envs (the real mpe2 package).
+
+Exact seed match, no copying of states: env i of both is seeded with seed + i (mpe2: `reset(seed=seed + i)`, then
+plain resets; the port: np.random.default_rng(seed + i), the generator mpe2 builds, drawn from in mpe2's order).
+Both are then driven with the same random actions for more than 3 episodes, across the same-step auto-resets, and
+must agree on every observation, reward and done to 1e-6.
+"""
+
+import numpy as np
+import pytest
+
+import maipg_mpe
+
+NUM_ENVS, NUM_STEPS = 4, 3 * maipg_mpe.MPE_MAX_CYCLES + 5
+
+
+def random_actions(rng, num_agents, continuous_actions):
+    if continuous_actions:
+        return rng.random((NUM_ENVS, num_agents, 5), dtype=np.float32)
+    return rng.integers(0, 5, (NUM_ENVS, num_agents))
+
+
+@pytest.mark.parametrize("continuous_actions", [False, True], ids=["discrete", "continuous"])
+@pytest.mark.parametrize(
+    "task, num_agents",
+    # 5 agents as in the paper; line with 3 agents; formation with 6 agents takes scipy's per-env matching
+    [("spread", 5), ("line", 5), ("formation", 5), ("line", 3), ("formation", 6)],
+)
+def test_port_matches_mpe2(task, num_agents, continuous_actions):
+    port = maipg_mpe.NumpyMPE(task, NUM_ENVS, num_agents, seed=11, continuous_actions=continuous_actions)
+    real = maipg_mpe.MPE2Envs(task, NUM_ENVS, num_agents, seed=11, continuous_actions=continuous_actions)
+    port_obs, real_obs = port.reset(), real.reset()
+    assert port_obs.shape == (NUM_ENVS, num_agents, port.obs_dim) and port_obs.dtype == np.float32
+    np.testing.assert_allclose(port_obs, real_obs, rtol=0, atol=1e-6)
+    rng = np.random.default_rng(0)
+    all_rewards, num_dones = [], 0
+    for step in range(NUM_STEPS):
+        actions = random_actions(rng, num_agents, continuous_actions)
+        port_obs, port_rewards, port_dones = port.step(actions)
+        real_obs, real_rewards, real_dones = real.step(actions)
+        assert port_rewards.shape == (NUM_ENVS, num_agents) and port_rewards.dtype == np.float32
+        assert port_dones.shape == (NUM_ENVS,) and port_dones.dtype == bool
+        np.testing.assert_array_equal(port_dones, real_dones, err_msg=f"dones, step {step}")
+        np.testing.assert_allclose(port_rewards, real_rewards, rtol=0, atol=1e-6, err_msg=f"rewards, step {step}")
+        np.testing.assert_allclose(port_obs, real_obs, rtol=0, atol=1e-6, err_msg=f"obs, step {step}")
+        all_rewards.append(port_rewards)
+        num_dones += port_dones.sum()
+    port.close()
+    real.close()
+    assert num_dones == 3 * NUM_ENVS  # three episodes ended in every env (time limit 25) and were auto-reset
+    if task == "spread":  # agents collided: the contact physics and the collision penalty were exercised
+        assert np.ptp(np.stack(all_rewards), axis=2).max() >= 0.5
+
+
+@pytest.mark.parametrize("task", ["spread", "line", "formation"])
+def test_seed_sets_initial_state(task):
+    first = maipg_mpe.NumpyMPE(task, 2, 5, seed=0).reset()
+    assert np.array_equal(first, maipg_mpe.NumpyMPE(task, 2, 5, seed=0).reset())
+    assert not np.allclose(first, maipg_mpe.NumpyMPE(task, 2, 5, seed=1).reset())
+    assert not np.allclose(first[0], first[1])  # env i is seeded with seed + i
+
+
+@pytest.mark.parametrize("task", ["spread", "line", "formation"])
+def test_spaces_match_mpe2(task):
+    for continuous_actions in (False, True):
+        port = maipg_mpe.NumpyMPE(task, 1, 5, seed=0, continuous_actions=continuous_actions)
+        real = maipg_mpe.MPE2Envs(task, 1, 5, seed=0, continuous_actions=continuous_actions)
+        assert real.agents == [f"agent_{i}" for i in range(5)]
+        for agent in real.agents:
+            assert real.envs[0].observation_space(agent).shape == (port.obs_dim,)
+            action_space = real.envs[0].action_space(agent)
+            if continuous_actions:
+                assert action_space.shape == (port.action_dim,)
+                assert (action_space.low == 0).all() and (action_space.high == 1).all()
+            else:
+                assert action_space.n == port.n_actions
+        assert (port.obs_dim, port.n_actions, port.max_cycles) == (real.obs_dim, real.n_actions, real.max_cycles)
+        real.close()
+
+
+def test_out_of_range_continuous_actions_are_clipped_as_mpe2_does():
+    port = maipg_mpe.NumpyMPE("spread", NUM_ENVS, 3, seed=3, continuous_actions=True)
+    real = maipg_mpe.MPE2Envs("spread", NUM_ENVS, 3, seed=3, continuous_actions=True)
+    port.reset()
+    real.reset()
+    actions = np.random.default_rng(1).uniform(-1, 2, (NUM_ENVS, 3, 5)).astype(np.float32)
+    np.testing.assert_allclose(port.step(actions)[0], real.step(actions)[0], rtol=0, atol=1e-6)
+
+
+def test_mpe2_render_returns_a_frame():
+    env = maipg_mpe.MPE2Envs("spread", 1, 5, seed=0, render_mode="rgb_array")
+    env.reset()
+    frame = env.render()
+    env.close()
+    assert frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8 and frame.min() < frame.max()
