@@ -107,6 +107,9 @@ class Args:
     """the width of every trunk (actor, V, Q)"""
     recurrent: bool = True
     """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
+    joint_q_diagnostic: bool = False
+    """if toggled, also train an unfactorized joint Q(s, a_1..a_n) (an MLP, same TD(lambda) targets, own optimiser, no
+    effect on the policy) and log diagnostics/rvar_joint, to redo the paper's Figure 1 comparison"""
     log_grad_var: bool = False
     """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
     sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
@@ -516,6 +519,26 @@ class VDNMixer(nn.Module):
         return agent_qs.sum(-1)
 
 
+class JointQ(nn.Module):
+    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action."""
+
+    def __init__(self, state_dim, num_agents, n_actions, hidden_dim):
+        super().__init__()
+        self.n_actions = n_actions
+        self.net = nn.Sequential(
+            layer_init(nn.Linear(state_dim + num_agents * n_actions, hidden_dim)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden_dim, 1), std=1.0),
+        )
+
+    def forward(self, state, actions):
+        """state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]"""
+        joint_action = F.one_hot(actions, self.n_actions).flatten(-2).to(state.dtype)
+        return self.net(torch.cat([state, joint_action], -1)).squeeze(-1)
+
+
 class ValueNorm(nn.Module):
     """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
 
@@ -782,12 +805,15 @@ if __name__ == "__main__":
         torch.manual_seed(args.seed + 1)
         agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
+        joint_q = JointQ(state_dim, N, A, H).to(device) if args.joint_q_diagnostic else None
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    if joint_q is not None:
+        joint_q_optimizer = torch.optim.Adam(joint_q.parameters(), lr=args.learning_rate, eps=1e-5)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
@@ -877,6 +903,9 @@ if __name__ == "__main__":
             q_sampled = q_values_online.expand(8, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
             control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
             rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+            if joint_q is not None:  # the same control variate from the unfactorized Q (Figure 1's comparison)
+                joint_control = joint_q(state[:T], actions) - joint_q(state[:T].expand(8, T, E, state_dim), sampled).mean(0)
+                rvar_joint = rvar(raw_advantages, joint_control.unsqueeze(-1), active)
 
         # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
         # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
@@ -954,6 +983,11 @@ if __name__ == "__main__":
                     optimizer.step()
                 soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
                 soft_update(target_mixer, mixer, args.target_tau)
+                if joint_q is not None:
+                    joint_q_loss = weighted_mean((joint_q(mb["state"], mb["actions"]) - mb["q_returns"]) ** 2, mb["valid"])
+                    joint_q_optimizer.zero_grad()
+                    joint_q_loss.backward()
+                    joint_q_optimizer.step()
 
                 for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
@@ -973,6 +1007,9 @@ if __name__ == "__main__":
         writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
         if grad_var is not None:
             writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+        if joint_q is not None:
+            writer.add_scalar("diagnostics/rvar_joint", rvar_joint.item(), global_step)
+            writer.add_scalar("losses/joint_q_loss", joint_q_loss.item(), global_step)
         if finished_returns:
             writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
             writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)

@@ -38,8 +38,32 @@ def test_smoke(task, backend, tmp_path):
     assert glob.glob(os.path.join(tmp_path, "runs", "*", "events.out.tfevents.*"))
 
 
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [scalar.value for scalar in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_logged_keys(tmp_path):
+    run(
+        ["--task", "spread", "--num-agents", "3", "--log-grad-var", "--joint-q-diagnostic", "--eval-interval", "1", *TINY],
+        tmp_path,
+    )
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    logged = scalars(run_dir)
+    expected = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate", "charts/q_tot_mean"}
+    expected |= {f"losses/{name}" for name in ("policy_loss", "dpg_loss", "value_loss", "q_loss", "entropy", "approx_kl")}
+    expected |= {"losses/clipfrac", "losses/explained_variance", "losses/joint_q_loss", "eval/episodic_return"}
+    expected |= {"diagnostics/rvar", "diagnostics/rvar_joint", "diagnostics/grad_var"}
+    assert expected <= set(logged), expected - set(logged)
+    assert all(len(values) == 2 for values in logged.values())  # one value per update
+    assert all(value > 0 for value in logged["diagnostics/rvar"] + logged["diagnostics/grad_var"])
+
+
 def test_save_model_then_eval_only(tmp_path):
-    run(["--task", "line", "--num-agents", "3", "--no-recurrent", "--save-model", "--log-grad-var", *TINY], tmp_path)
+    run(["--task", "line", "--num-agents", "3", "--no-recurrent", "--save-model", *TINY], tmp_path)
     (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "maipg_mpe.pt"))
     checkpoint = torch.load(path, weights_only=True)
     assert {"args", "actor", "critic", "agent_q", "mixer", "value_norm"} <= set(checkpoint)
@@ -120,13 +144,9 @@ def test_learning_improves_the_greedy_return(tmp_path):
     """Spread with 2 agents, 32 envs, 50 updates (~30 s): the greedy return of the last three evaluations must beat
     that of the first two by a clear margin. Measured on seeds 1, 2, 3: margins 21, 11 and 18 (returns from about
     -45 to about -28), so 8 is not a lucky threshold."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     flags = ["--task", "spread", "--num-agents", "2", "--num-envs", "32", "--update-epochs", "5"]
     run([*flags, "--total-timesteps", "40000", "--eval-interval", "5", "--eval-episodes", "32", "--seed", "2"], tmp_path)
     (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
-    events = EventAccumulator(run_dir)
-    events.Reload()
-    evals = [scalar.value for scalar in events.Scalars("eval/episodic_return")]
+    evals = scalars(run_dir)["eval/episodic_return"]
     assert len(evals) == 10
     assert sum(evals[-3:]) / 3 > sum(evals[:2]) / 2 + 8, evals
