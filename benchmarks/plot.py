@@ -1,0 +1,228 @@
+"""Learning curves and a results table from the TensorBoard logs of finished MAIPG runs.
+
+    python benchmarks/plot.py benchmarks/out/mpe                  # writes benchmarks/out/mpe/plots/
+    python benchmarks/plot.py benchmarks/out/smax --metrics eval/win_rate --out results/smax
+    python benchmarks/plot.py runs --include-unfinished           # runs made by hand (no sweep.py `done` marker)
+
+Every run folder under FOLDER (any depth) is read with tensorboard's event reader. A run is taken if sweep.py marked
+it finished (the `done` file two levels up, in the folder it ran in), or with --include-unfinished. Seeds are grouped
+by the run's own hyperparameters (the "hyperparameters" text each script logs): runs with the same env and the same
+settings but the seed are one group. Curves are labelled by the settings that differ between an env's groups (nu first).
+
+Writes, into --out (default FOLDER/plots):
+- {env}__{metric}.png: per group, the mean across seeds and a band of one standard deviation, x = env steps; seeds
+  logged at different steps are linearly interpolated onto the steps where all of them have data;
+- results.md: per metric, one row per (env, group): the final value of each seed (the mean of its last --last logged
+  values, i.e. its last 10 evaluations for eval/*), then the mean and standard deviation of those across seeds.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+DEFAULT_METRICS = [
+    "eval/episodic_return",
+    "eval/win_rate",
+    "eval/success_rate",
+    "diagnostics/rvar",
+    "diagnostics/rvar_joint",
+    "diagnostics/grad_var",
+]
+ENV_KEYS = ("task", "map", "scenario", "env")  # the flag naming the env in each maipg_*.py script
+NOT_SETTINGS = {  # hyperparameters that do not change what a run learns, and the seed that groups average over
+    "seed",
+    "torch_deterministic",
+    "cuda",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "capture_video",
+    "save_model",
+    "eval_only",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        fail(message)
+
+
+def fail(message):
+    print(f"plot.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def safe_name(text):
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def find_event_folders(folder):
+    return sorted(path for path, _, files in os.walk(folder) if any(f.startswith("events.out.tfevents.") for f in files))
+
+
+def load_run(path, metrics):
+    """Returns (hyperparameters, {metric: (steps, values)}), or None for a folder without MAIPG hyperparameters."""
+    events = EventAccumulator(path, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    if "hyperparameters/text_summary" not in tags["tensors"]:
+        return None
+    text = events.Tensors("hyperparameters/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = [line.strip("|").split("|", 1) for line in text.splitlines()[2:]]
+    hyperparameters = {row[0]: row[1] for row in rows if len(row) == 2}
+    curves = {}
+    for metric in metrics:
+        if metric in tags["scalars"]:
+            # a step logged twice (a resumed writer) keeps its last value
+            by_step = {event.step: event.value for event in events.Scalars(metric)}
+            steps = np.array(sorted(by_step))
+            curves[metric] = (steps, np.array([by_step[step] for step in steps], dtype=float))
+    return hyperparameters, curves
+
+
+def env_label(hyperparameters):
+    name = next((hyperparameters[key] for key in ENV_KEYS if key in hyperparameters), "unknown-env")
+    return f"{name}-{hyperparameters['agent_conf']}" if "agent_conf" in hyperparameters else name
+
+
+def group_runs(folder, metrics, include_unfinished):
+    """{env: {settings: {seed: (path, curves)}}}; settings is a sorted tuple of (key, value) pairs."""
+    groups, skipped = {}, 0
+    for path in find_event_folders(folder):
+        if not include_unfinished and not os.path.isfile(os.path.join(path, os.pardir, os.pardir, "done")):
+            skipped += 1
+            continue
+        loaded = load_run(path, metrics)
+        if loaded is None:
+            print(f"skipped {path}: no hyperparameters text (not a maipg_*.py run)", file=sys.stderr)
+            continue
+        hyperparameters, curves = loaded
+        settings = tuple(sorted((k, v) for k, v in hyperparameters.items() if k not in NOT_SETTINGS))
+        seeds = groups.setdefault(env_label(hyperparameters), {}).setdefault(settings, {})
+        seed = hyperparameters.get("seed", "?")
+        if seed in seeds:
+            print(f"seed {seed} twice: kept {path}, dropped {seeds[seed][0]} (same settings and seed)", file=sys.stderr)
+        seeds[seed] = (path, curves)
+    if skipped:
+        print(f"skipped {skipped} unfinished runs (no `done` marker from sweep.py; --include-unfinished takes them)")
+    return groups
+
+
+def curve_labels(settings_list):
+    """Labels that tell an env's groups apart: nu first (nu = 0 is MAPPO), then the other settings that differ."""
+    keys = dict.fromkeys(key for settings in settings_list for key, _ in settings)
+    differing = [key for key in keys if len({dict(settings).get(key) for settings in settings_list}) > 1]
+    labels = []
+    for settings in settings_list:
+        values = dict(settings)
+        parts = []
+        if "nu" in values:
+            nu = float(values["nu"])
+            parts.append(f"nu={nu:g}" + (" (MAPPO)" if nu == 0 else ""))
+        parts += [f"{key}={values[key]}" for key in differing if key not in ("nu", "exp_name")]
+        labels.append(", ".join(parts))
+    if len(set(labels)) < len(labels):  # only the exp_name tells them apart
+        labels = [f"{label}, {dict(s).get('exp_name')}".strip(", ") for label, s in zip(labels, settings_list, strict=True)]
+    return labels
+
+
+def smooth(values, window):
+    if window <= 1 or len(values) < window:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def align(curves, window, max_points=1000):
+    """Interpolates every seed's curve onto the steps where all seeds have data; returns (steps, values [seeds, steps])."""
+    curves = [(steps[len(steps) - len(smooth(values, window)) :], smooth(values, window)) for steps, values in curves]
+    low, high = max(steps[0] for steps, _ in curves), min(steps[-1] for steps, _ in curves)
+    grid = np.unique(np.concatenate([steps[(steps >= low) & (steps <= high)] for steps, _ in curves]))
+    if len(grid) > max_points:
+        grid = np.linspace(low, high, max_points)
+    return grid, np.stack([np.interp(grid, steps, values) for steps, values in curves])
+
+
+def final_values(curves, last):
+    return np.array([values[-last:].mean() for _, values in curves])
+
+
+def number(x):
+    return f"{x:.4g}" if math.isfinite(x) else str(x)
+
+
+if __name__ == "__main__":
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="the folder holding the runs (a sweep.py --out, or a runs/ folder)")
+    parser.add_argument("--out", help="where the PNGs and results.md go (default: FOLDER/plots)")
+    metrics_help = f"the scalar tags to plot (default: those found among {' '.join(DEFAULT_METRICS)})"
+    parser.add_argument("--metrics", nargs="+", help=metrics_help)
+    parser.add_argument(
+        "--last", type=int, default=10, help="the final value of a seed is the mean of its last this many values"
+    )
+    parser.add_argument("--smooth", type=int, default=1, help="moving average over this many logged values before plotting")
+    parser.add_argument("--include-unfinished", action="store_true", help="also take runs without sweep.py's `done` marker")
+    args = parser.parse_args()
+    if not os.path.isdir(args.folder):
+        fail(f"folder: {args.folder} is not a folder")
+    if args.last < 1 or args.smooth < 1:
+        fail("--last and --smooth must be at least 1")
+    metrics = args.metrics or DEFAULT_METRICS
+    out = args.out or os.path.join(args.folder, "plots")
+
+    groups = group_runs(args.folder, metrics, args.include_unfinished)
+    if not groups:
+        fail(f"folder: no finished runs under {args.folder}")
+    os.makedirs(out, exist_ok=True)
+    tables = {metric: [] for metric in metrics}
+    for env in sorted(groups):
+        settings_list = sorted(groups[env], key=lambda settings: (float(dict(settings).get("nu", 0)), settings))
+        labels = curve_labels(settings_list)
+        for metric in metrics:
+            figure, axes = plt.subplots(figsize=(6.4, 4.2))
+            for settings, label in zip(settings_list, labels, strict=True):
+                seeds = groups[env][settings]
+                curves = [seeds[seed][1][metric] for seed in sorted(seeds) if metric in seeds[seed][1]]
+                if not curves:
+                    continue
+                grid, values = align(curves, args.smooth)
+                mean, std = values.mean(0), values.std(0)
+                axes.plot(grid, mean, label=f"{label} ({len(curves)} seeds)")
+                axes.fill_between(grid, mean - std, mean + std, alpha=0.2)
+                finals = final_values(curves, args.last)
+                last_step = min(int(steps[-1]) for steps, _ in curves)
+                tables[metric].append((env, label, len(curves), last_step, finals.mean(), finals.std()))
+            if axes.lines:
+                axes.set(title=f"{env}: {metric}", xlabel="env steps", ylabel=metric)
+                axes.grid(alpha=0.3)
+                axes.legend()
+                figure.tight_layout()
+                path = os.path.join(out, f"{safe_name(env)}__{safe_name(metric)}.png")
+                figure.savefig(path, dpi=120)
+                print(f"wrote {path}")
+            plt.close(figure)
+
+    lines = [
+        f"# Results: {args.folder}",
+        "",
+        f"Final value: the mean of each seed's last {args.last} logged values (for eval/ metrics: its last {args.last} "
+        "evaluations); then mean ± standard deviation (ddof = 0) across seeds. Env steps: the last step every seed reached.",
+    ]
+    for metric, rows in tables.items():
+        if rows:
+            lines += ["", f"## {metric}", "", "| env | run | seeds | env steps | final |", "|-|-|-|-|-|"]
+            lines += [f"| {e} | {label} | {n} | {s} | {number(m)} ± {number(d)} |" for e, label, n, s, m, d in rows]
+    missing = [metric for metric, rows in tables.items() if not rows and args.metrics]
+    if missing:
+        print(f"not logged by any run: {' '.join(missing)}", file=sys.stderr)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[4:]))
+    print(f"wrote {os.path.join(out, 'results.md')}")

@@ -1,0 +1,195 @@
+"""benchmarks/sweep.py and benchmarks/plot.py: the runner on a tiny grid of maipg_mpe.py runs (then skipping them, and
+the plot of their logs), the runner's threads, folders, failures and bad input on a stand-in script, the Slurm array
+file, and the plot's grouping, alignment and final values on event files with known values."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = os.path.join(ROOT, "benchmarks", "sweep.py")
+PLOT = os.path.join(ROOT, "benchmarks", "plot.py")
+TINY = "--num-agents 2 --num-envs 4 --num-steps 25 --total-timesteps 200 --update-epochs 1 --eval-interval 1 --eval-episodes 2"
+STAND_IN = """import json, os, sys
+seed = int(sys.argv[sys.argv.index("--seed") + 1])
+with open("seen.json", "w") as f:
+    json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "threads": os.environ.get("OMP_NUM_THREADS")}, f)
+print("stand-in ran with seed", seed)
+sys.exit(3 if seed == 2 else 0)
+"""
+
+
+def run(script, args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def load_plot_module():
+    spec = importlib.util.spec_from_file_location("benchmarks_plot", PLOT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_runs_the_grid_skips_finished_runs_and_plots(tmp_path):
+    out = str(tmp_path / "sweep")
+    grid = ["--script", "maipg_mpe.py", "--envs", "spread", "--nu", "0", "0.05", "--seeds", "1", "--out", out]
+
+    # --slurm writes one array task per run and runs nothing
+    result = run(SWEEP, [*grid, "--slurm", "--slurm-option=--time=1:00:00", "--", *TINY.split()])
+    assert result.returncode == 0, result.stderr
+    sbatch = os.path.join(out, "sweep.sbatch")
+    text = open(sbatch).read()
+    assert "#SBATCH --array=0-1\n" in text and "#SBATCH --time=1:00:00\n" in text
+    assert text.count("maipg_mpe.py --task spread --nu ") == 2
+    assert subprocess.run(["bash", "-n", sbatch]).returncode == 0
+    assert os.listdir(out) == ["sweep.sbatch"]
+
+    result = run(SWEEP, [*grid, "--jobs", "2", "--", *TINY.split()])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 runs finished, 0 failed" in result.stdout
+    folders = sorted(glob.glob(os.path.join(out, "maipg_mpe", "spread", "nu*__seed1")))
+    assert [os.path.basename(f) for f in folders] == ["nu0.05__seed1", "nu0__seed1"]
+    for folder in folders:
+        record = json.load(open(os.path.join(folder, "done")))
+        assert os.path.basename(folder) == f"nu{record['nu']}__seed1"
+        assert record["flags"][:4] == ["--task", "spread", "--nu", record["nu"]]
+        assert "update 2/2" in open(os.path.join(folder, "log.txt")).read()
+        assert glob.glob(os.path.join(folder, "runs", "spread__maipg_mpe_nu*__1__*", "events.out.tfevents.*"))
+    stamps = [os.path.getmtime(os.path.join(f, "done")) for f in folders]
+
+    # a second invocation skips both; so does an array task of the sbatch file written before
+    result = run(SWEEP, [*grid, "--jobs", "2", "--", *TINY.split()])
+    assert result.returncode == 0 and "2 already done, 0 to do" in result.stdout, result.stdout + result.stderr
+    result = subprocess.run(["bash", sbatch], env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0 and "already done" in result.stdout, result.stdout + result.stderr
+    assert stamps == [os.path.getmtime(os.path.join(f, "done")) for f in folders]
+
+    # the same grid with other flags is refused: its folders hold runs made with the old ones
+    result = run(SWEEP, [*grid, "--", *TINY.split(), "--mixer", "vdn"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "another --out" in result.stderr
+
+    result = run(PLOT, [out])
+    assert result.returncode == 0, result.stderr
+    plots = os.path.join(out, "plots")
+    assert sorted(os.listdir(plots)) == ["results.md", "spread__diagnostics_rvar.png", "spread__eval_episodic_return.png"]
+    table = open(os.path.join(plots, "results.md")).read()
+    for metric in ("eval/episodic_return", "diagnostics/rvar"):
+        section = table.split(f"## {metric}\n")[1].split("##")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| spread")]
+        assert [row.split(" | ")[1:4] for row in rows] == [["nu=0 (MAPPO)", "1", "200"], ["nu=0.05", "1", "200"]]
+
+
+def test_sweep_threads_folders_and_failures(tmp_path):
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    out = str(tmp_path / "sweep")
+    grid = ["--script", str(script), "--env-flag=--level", "--envs", "a", "b", "--nu", "0.5", "0.50", "--seeds", "1", "2", "2"]
+    result = run(SWEEP, [*grid, "--out", out, "--jobs", "2", "--threads", "3", "--", "--extra", "x y"])
+    assert result.returncode == 1
+    assert "2 runs finished, 2 failed" in result.stdout
+    assert result.stderr.count("FAILED (exit 3)") == 2 and "stand-in ran with seed 2" in result.stderr
+    for env in ("a", "b"):
+        for seed in (1, 2):
+            folder = os.path.join(out, "stand_in", env, f"nu0.5__seed{seed}")
+            seen = json.load(open(os.path.join(folder, "seen.json")))
+            assert seen["cwd"] == folder and seen["threads"] == "3"
+            flags = ["--level", env, "--nu", "0.5", "--seed", str(seed), "--exp-name", "stand_in_nu0.5", "--extra", "x y"]
+            assert seen["argv"] == flags
+            assert os.path.isfile(os.path.join(folder, "log.txt"))
+            assert os.path.isfile(os.path.join(folder, "done")) == (seed == 1)
+    # only the failed runs are run again, from a clean folder
+    stale = os.path.join(out, "stand_in", "a", "nu0.5__seed2", "stale.txt")
+    open(stale, "w").close()
+    result = run(SWEEP, [*grid, "--out", out, "--jobs", "1", "--", "--extra", "x y"])
+    assert result.returncode == 1 and "4 runs in the grid, 2 already done, 2 to do" in result.stdout
+    assert f"OMP_NUM_THREADS={len(os.sched_getaffinity(0))} each" in result.stdout and not os.path.exists(stale)
+
+
+def test_slurm_array_tasks_run_like_local_runs(tmp_path):
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    out = str(tmp_path / "sweep")
+    grid = ["--script", str(script), "--env-flag=--level", "--envs", "a", "--nu", "0", "--seeds", "1", "2", "--out", out]
+    result = run(SWEEP, [*grid, "--slurm", "--threads", "2"])
+    assert result.returncode == 0 and "(2 array tasks)" in result.stdout, result.stdout + result.stderr
+    sbatch = os.path.join(out, "sweep.sbatch")
+    assert "#SBATCH --cpus-per-task=2\n" in open(sbatch).read()
+    tasks = [subprocess.run(["bash", sbatch], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}) for i in (0, 1)]
+    assert [task.returncode for task in tasks] == [0, 3]
+    seen = json.load(open(os.path.join(out, "stand_in", "a", "nu0__seed1", "seen.json")))
+    assert seen["threads"] == "2" and seen["argv"][:6] == ["--level", "a", "--nu", "0", "--seed", "1"]
+    assert not os.path.exists(os.path.join(out, "stand_in", "a", "nu0__seed2", "done"))
+    # the `done` an array task writes is the one a local sweep writes: the local sweep skips that run
+    result = run(SWEEP, [*grid, "--dry-run"])
+    assert result.returncode == 0 and "2 runs in the grid, 1 already done, 1 to do" in result.stdout
+    assert "--seed 2" in result.stdout and "--seed 1" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--script", "no_such_script.py", "--envs", "spread", "--out", "o"], "--script"),
+        (["--script", "stand_in.py", "--envs", "x", "--out", "o"], "--env-flag"),
+        (["--script", "maipg_mpe.py", "--envs", "spread", "--out", "o", "--", "--seed", "4"], "--seed"),
+        (["--script", "maipg_mpe.py", "--envs", "spread", "--nu", "big", "--out", "o"], "--nu"),
+        (["--script", "maipg_mpe.py", "--envs", "spread", "--out", "o", "--jobs", "0"], "--jobs"),
+    ],
+)
+def test_sweep_bad_input_is_one_line(args, message, tmp_path):
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    result = run(SWEEP, args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+def write_run(folder, task, nu, seed, steps, done=True):
+    """A run folder as sweep.py leaves it, with the hyperparameters text and scalars the scripts log."""
+    writer = SummaryWriter(os.path.join(folder, "runs", f"{task}__maipg_mpe_nu{nu}__{seed}__0"))
+    hyperparameters = {"exp_name": f"maipg_mpe_nu{nu}", "seed": seed, "task": task, "nu": float(nu), "num_agents": 3}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
+    for step in steps:
+        writer.add_scalar("eval/episodic_return", seed * 10 + step / 100, step)
+        writer.add_scalar("diagnostics/rvar", 0.5, step)
+    writer.close()
+    if done:
+        open(os.path.join(folder, "done"), "w").close()
+
+
+def test_plot_groups_seeds_aligns_steps_and_tabulates_final_values(tmp_path):
+    for task in ("spread", "line"):
+        for nu in ("0", "0.05"):
+            for seed, offset in ((1, 0), (2, 10)):
+                steps = range(100 + offset, 2100 + offset, 100)  # 20 evaluations, seed 2 logged 10 steps later
+                write_run(str(tmp_path / task / f"nu{nu}__seed{seed}"), task, nu, seed, steps)
+    write_run(str(tmp_path / "spread" / "nu0__seed3"), "spread", "0", 3, [100], done=False)  # unfinished: left out
+
+    result = run(PLOT, [str(tmp_path), "--out", str(tmp_path / "plots")])
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unfinished runs" in result.stdout
+    expected = [
+        f"{task}__{metric}.png" for task in ("line", "spread") for metric in ("diagnostics_rvar", "eval_episodic_return")
+    ]
+    assert sorted(os.listdir(tmp_path / "plots")) == sorted(["results.md", *expected])
+    table = open(tmp_path / "plots" / "results.md").read()
+    returns = table.split("## eval/episodic_return\n")[1].split("##")[0]
+    # seed s's last 10 evaluations average s * 10 + (1550 + 10 (s - 1)) / 100: 25.5 and 35.6, so 30.55 +- 5.05
+    for task in ("line", "spread"):
+        assert f"| {task} | nu=0 (MAPPO) | 2 | 2000 | 30.55 ± 5.05 |" in returns
+        assert f"| {task} | nu=0.05 | 2 | 2000 | 30.55 ± 5.05 |" in returns
+    assert "| spread | nu=0 (MAPPO) | 2 | 2000 | 0.5 ± 0 |" in table.split("## diagnostics/rvar\n")[1]
+
+    # alignment: both seeds are interpolated onto the steps where both have data
+    plot = load_plot_module()
+    curves = [(np.arange(100, 2100, 100), np.arange(100, 2100, 100) / 100.0), (np.arange(110, 2110, 100), np.ones(20))]
+    grid, values = plot.align(curves, window=1)
+    assert grid[0] == 110 and grid[-1] == 2000 and len(grid) == 38
+    np.testing.assert_allclose(values[0], grid / 100.0)
+    np.testing.assert_allclose(values[1], 1.0)
