@@ -1,0 +1,960 @@
+"""MAIPG with Gaussian policies on Multi-Agent MuJoCo (HalfCheetah, Ant, Walker2d, Hopper, Humanoid, ...).
+
+Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
+deterministic, low-variance term: the actor minimises
+
+    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)),
+
+where L_clip is MAPPO's clipped surrogate on GAE advantages, Q_tot is a factorized Q-function (per-agent Q_i mixed by
+QMIX or VDN) learned with TD(lambda), and mu is the deterministic policy: for continuous actions the mean of the
+Gaussian pi_i (section 3.2), so L_dpg's gradient flows through the mean as in DDPG. nu trades bias for variance: nu = 0
+is exactly MAPPO, larger nu leans on the learned Q_tot. The paper reports no continuous-control setting: every
+hyper-parameter below that differs from MAPPO's defaults is our choice (SPEC section 7).
+
+    python maipg_continuous.py --env HalfCheetah --agent-conf 2x3              # our default setting, nu = 0.3
+    python maipg_continuous.py --env Humanoid --agent-conf "9|8" --nu 0         # MAPPO on the same code
+    python maipg_continuous.py --help                                           # every flag, with its meaning
+
+Multi-Agent MuJoCo comes from `pip install gymnasium-robotics==1.4.2 mujoco==4.0.0` (pin mujoco: some robots'
+trajectories differ between mujoco 3.x and 4.x). It writes MUJOCO_LOG.TXT into the working directory.
+"""
+
+import copy
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = False
+    """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "maipg"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, one greedy evaluation episode is rendered to a GIF under videos/ (headless OpenGL: MUJOCO_GL=egl by
+    default, or osmesa)"""
+    save_model: bool = False
+    """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
+    eval_only: str | None = None
+    """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
+
+    # Environment
+    env: str = "HalfCheetah"
+    """the Multi-Agent MuJoCo robot: HalfCheetah, Ant, Walker2d, Hopper or Humanoid"""
+    agent_conf: str = "2x3"
+    """how the robot's joints are split among agents (e.g. HalfCheetah 2x3 or 6x1, Ant 2x4, 2x4d or 4x2, Walker2d 2x3,
+    Hopper 3x1, Humanoid 9|8)"""
+    max_episode_steps: int = 1000
+    """the time limit of an episode in env steps (the benchmark's is 1000; Hopper, Walker2d, Ant and Humanoid also end
+    early when the robot falls)"""
+    total_timesteps: int = 10_000_000
+    """total env steps of training (one step of one env counts once, whatever the number of agents)"""
+    num_envs: int = 8
+    """the number of parallel envs ("rollout threads")"""
+    num_steps: int = 1000
+    """the rollout length per env between two updates (not the episode length; episodes continue across updates)"""
+    eval_interval: int = 25
+    """evaluate every this many updates (0: never)"""
+    eval_episodes: int = 10
+    """the number of evaluation episodes, run with mu (the Gaussian mean)"""
+
+    # Algorithm. MAPPO's values; the paper gives none for continuous actions, so the learning rate, the rollout size
+    # (8 x 1000), the epochs (5), the minibatches (1) and nu (0.3) are our choice (SPEC section 7).
+    nu: float = 0.3
+    """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
+    mixer: str = "qmix"
+    """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
+    learning_rate: float = 5e-4
+    """the learning rate of the actor, V and Q+mixer Adam optimisers"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of GAE (advantages for L_clip)"""
+    td_lambda: float = 0.8
+    """the lambda of the TD(lambda) targets of Q_tot"""
+    clip_coef: float = 0.2
+    """the PPO clip of the ratio, also used to clip the value updates"""
+    update_epochs: int = 5
+    """the number of PPO epochs per update"""
+    num_minibatches: int = 1
+    """the number of minibatches per epoch"""
+    chunk_len: int = 10
+    """the length (steps) of the recurrent training chunks, which start from the hidden states stored in the rollout"""
+    target_tau: float = 0.01
+    """the soft-update rate of the target Q-networks and mixer, applied after every Q optimiser step"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    max_grad_norm: float = 10.0
+    """the maximum gradient norm of each of the three optimisers"""
+    huber_delta: float = 10.0
+    """the delta of the Huber value loss (on normalised values)"""
+    hidden_dim: int = 64
+    """the width of every trunk (actor, V, Q)"""
+    recurrent: bool = True
+    """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
+    log_grad_var: bool = False
+    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
+    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """env steps per update (num_envs * num_steps)"""
+    num_updates: int = 0
+    """the number of updates (total_timesteps // batch_size)"""
+
+
+# The robots and agent partitions this script was run on (gymnasium-robotics 1.4.2 knows a few more).
+MAMUJOCO_TASKS = {
+    "HalfCheetah": ("2x3", "6x1"),
+    "Ant": ("2x4", "2x4d", "4x2"),
+    "Walker2d": ("2x3",),
+    "Hopper": ("3x1",),
+    "Humanoid": ("9|8",),
+}
+
+
+def check_args(args: Args) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+
+    def fail(message: str) -> None:
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.env not in MAMUJOCO_TASKS:
+        fail(f"--env must be one of {', '.join(MAMUJOCO_TASKS)}, got {args.env!r}")
+    if args.agent_conf not in MAMUJOCO_TASKS[args.env]:
+        fail(f"--agent-conf of {args.env} must be one of {', '.join(MAMUJOCO_TASKS[args.env])}, got {args.agent_conf!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for flag, value in [
+        ("--max-episode-steps", args.max_episode_steps),
+        ("--num-envs", args.num_envs),
+        ("--num-steps", args.num_steps),
+        ("--update-epochs", args.update_epochs),
+        ("--chunk-len", args.chunk_len),
+    ]:
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: Multi-Agent MuJoCo as arrays [envs, agents, ...]
+# ---------------------------------------------------------------------------------------------------------------------
+class MaMuJoCoEnvs:
+    """`num_envs` Multi-Agent MuJoCo envs (gymnasium-robotics' mamujoco_v1, agent_obsk=1) stepped one after the other.
+
+    A plain loop: gymnasium's SyncVectorEnv with same-step autoreset measured 1.5x slower here (its per-step
+    bookkeeping, with a MuJoCo step of ~0.1 ms), and AsyncVectorEnv slower still on 2 cores. Agents' observations are
+    zero-padded to the largest agent's size, and their actions are read from a padded [agents, act_dim] array, so one
+    shared actor serves all agents; `act_mask` [agents, act_dim] is 1 on each agent's real action dimensions. The
+    reward is the team's (every agent receives the same one). An env whose episode ends is reset in the same step;
+    the observation and state it ended in come back as final_obs and final_state, for the time-limit bootstrap.
+    """
+
+    def __init__(self, scenario, agent_conf, num_envs, seed, max_episode_steps, render_mode=None):
+        mamujoco_v1 = require(
+            "gymnasium_robotics", "pip install gymnasium-robotics==1.4.2 mujoco==4.0.0", "Multi-Agent MuJoCo"
+        ).mamujoco_v1
+        self.envs = [
+            mamujoco_v1.parallel_env(
+                scenario,
+                agent_conf,
+                agent_obsk=1,
+                max_episode_steps=max_episode_steps,
+                render_mode=render_mode,
+                width=240,  # the size of rendered frames (--capture-video)
+                height=240,
+            )
+            for _ in range(num_envs)
+        ]
+        env = self.envs[0]
+        self.agents = env.possible_agents
+        self.num_envs, self.num_agents, self.seed, self.seeded = num_envs, len(self.agents), seed, False
+        self.obs_dims = [env.observation_space(agent).shape[0] for agent in self.agents]
+        self.act_dims = [env.action_space(agent).shape[0] for agent in self.agents]
+        self.obs_dim, self.act_dim, self.state_dim = max(self.obs_dims), max(self.act_dims), env.state().shape[0]
+        self.dt = env.single_agent_env.unwrapped.dt  # simulated seconds per env step
+        self.act_mask = np.zeros((self.num_agents, self.act_dim), dtype=np.float32)
+        self.act_low, self.act_high = np.zeros_like(self.act_mask), np.zeros_like(self.act_mask)
+        for i, agent in enumerate(self.agents):
+            self.act_mask[i, : self.act_dims[i]] = 1.0
+            self.act_low[i, : self.act_dims[i]] = env.action_space(agent).low
+            self.act_high[i, : self.act_dims[i]] = env.action_space(agent).high
+
+    def _pad(self, obs):
+        """{agent: obs} -> [agents, obs_dim], zero-padded"""
+        padded = np.zeros((self.num_agents, self.obs_dim), dtype=np.float32)
+        for i, agent in enumerate(self.agents):
+            padded[i, : self.obs_dims[i]] = obs[agent]
+        return padded
+
+    def reset(self):
+        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. The first reset seeds env e with seed + e."""
+        seeds = [self.seed + e if not self.seeded else None for e in range(self.num_envs)]
+        self.seeded = True
+        obs = np.stack([self._pad(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
+        return obs, np.stack([env.state() for env in self.envs]).astype(np.float32)
+
+    def step(self, actions):
+        """actions [envs, agents, act_dim] (unclipped) -> obs, state, rewards [envs], terminated [envs], truncated [envs],
+        final_obs, final_state (where an episode ended: what it ended in; elsewhere zeros)."""
+        actions = np.clip(actions, self.act_low, self.act_high)  # clipped only here, on the way to the env
+        obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
+        state = np.zeros((self.num_envs, self.state_dim), dtype=np.float32)
+        final_obs, final_state = np.zeros_like(obs), np.zeros_like(state)
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        terminated, truncated = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
+        for e, env in enumerate(self.envs):
+            # each agent gets its own action dimensions only: the padded ones never reach the env
+            obs_e, rewards_e, terminated_e, truncated_e, _ = env.step(
+                {agent: actions[e, i, : self.act_dims[i]] for i, agent in enumerate(self.agents)}
+            )
+            first = self.agents[0]  # the team reward, termination and truncation are the same for every agent
+            rewards[e], terminated[e], truncated[e] = rewards_e[first], terminated_e[first], truncated_e[first]
+            obs[e], state[e] = self._pad(obs_e), env.state()
+            if terminated[e] or truncated[e]:
+                final_obs[e], final_state[e] = obs[e], state[e]
+                obs[e], state[e] = self._pad(env.reset()[0]), env.state()
+        return obs, state, rewards, terminated, truncated, final_obs, final_state
+
+    def render(self):
+        return self.envs[0].render()
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (MAPPO's, SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Trunk(nn.Module):
+    """LayerNorm(input) -> [Linear -> ReLU -> LayerNorm] x 2 -> GRU -> LayerNorm, shared design of actor, V and Q_i."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(input_dim),
+            layer_init(nn.Linear(input_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+        )
+        self.gru = nn.GRU(hidden_dim, hidden_dim) if recurrent else None
+        if recurrent:
+            for name, param in self.gru.named_parameters():
+                nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
+            self.gru_norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, x, hidden, masks):
+        """x [L, *batch, in], hidden [*batch, H] entering step 0, masks [L, *batch] (0: an episode starts at this step)
+        -> features [L, *batch, H], hidden after step L-1 [*batch, H]."""
+        x = self.mlp(x)
+        if self.gru is None:
+            return x, hidden
+        seq_len, batch, hidden_dim = x.shape[0], x.shape[1:-1], x.shape[-1]
+        x, hidden, masks = (
+            x.reshape(seq_len, -1, hidden_dim),
+            hidden.reshape(1, -1, hidden_dim),
+            masks.reshape(seq_len, 1, -1, 1),
+        )
+        if bool((masks[1:] == 1).all()):  # no episode restarts inside the window: one fused GRU call
+            x, hidden = self.gru(x, hidden * masks[0])
+        else:  # step by step, forgetting the memory where an episode restarts
+            outputs = []
+            for t in range(seq_len):
+                out, hidden = self.gru(x[t : t + 1], hidden * masks[t])
+                outputs.append(out)
+            x = torch.cat(outputs)
+        return self.gru_norm(x).reshape(seq_len, *batch, hidden_dim), hidden.reshape(*batch, hidden_dim)
+
+
+class Actor(nn.Module):
+    """pi_theta(a_i | o_i, i), shared by all agents: a Gaussian with a state-dependent mean and a state-independent
+    log-std (MAPPO's DiagGaussian), no tanh. Padded action dimensions have mean 0 and are masked everywhere else."""
+
+    def __init__(self, input_dim, act_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, act_dim), std=0.01)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, x, hidden, masks, act_mask):
+        """-> mean [L, *batch, act_dim] (0 on padded dimensions; mu_i of section 3.2), hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features) * act_mask, hidden
+
+
+class Critic(nn.Module):
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> values [L, *batch], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).squeeze(-1), hidden
+
+
+class AgentQ(nn.Module):
+    """Q_psi_i(s, a_i): the critic's trunk (App. D), with the action joining after the GRU. The recurrence never sees
+    actions, so one trunk pass serves Q_i at the actions taken, at mu(o) and at sampled actions."""
+
+    def __init__(self, input_dim, act_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = nn.Sequential(
+            layer_init(nn.Linear(hidden_dim + act_dim, hidden_dim)), nn.ReLU(), layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+        )
+
+    def forward(self, x, hidden, masks):
+        """-> features [L, *batch, H] (the trunk's part of Q_i), hidden [*batch, H]"""
+        return self.trunk(x, hidden, masks)
+
+    def q(self, features, actions):
+        """features [*batch, H], actions [*batch, act_dim] -> Q_i(s, a_i) [*batch]"""
+        return self.head(torch.cat([features, actions], -1)).squeeze(-1)
+
+
+class QMixer(nn.Module):
+    """QMIX: Q_tot = ELU(q |W1(s)| + b1(s)) |W2(s)| + V(s); the absolute weights make dQ_tot/dQ_i >= 0.
+    PyTorch's default initialisation, as pymarl's mixer."""
+
+    def __init__(self, num_agents, state_dim, embed_dim=32, hypernet_dim=64):
+        super().__init__()
+        self.num_agents, self.embed_dim = num_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(
+            nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, num_agents * embed_dim)
+        )
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.state_value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, agent_qs, state):
+        """agent_qs [*batch, n_agents], state [*batch, state_dim] -> q_tot [*batch]"""
+        w1 = self.hyper_w1(state).abs().view(*state.shape[:-1], self.num_agents, self.embed_dim)
+        hidden = F.elu((agent_qs.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        w2 = self.hyper_w2(state).abs()
+        return (hidden * w2).sum(-1) + self.state_value(state).squeeze(-1)
+
+
+class VDNMixer(nn.Module):
+    """VDN: Q_tot = sum_i Q_i (the state is ignored)."""
+
+    def forward(self, agent_qs, state):
+        return agent_qs.sum(-1)
+
+
+class ValueNorm(nn.Module):
+    """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
+
+    def __init__(self, beta=0.99999, epsilon=1e-5):
+        super().__init__()
+        self.beta, self.epsilon = beta, epsilon
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_var(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+
+    def normalize(self, x):
+        mean, var = self.mean_var()
+        return (x - mean) / var.sqrt()
+
+    def denormalize(self, x):
+        mean, var = self.mean_var()
+        return x * var.sqrt() + mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The algorithm's pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+def weighted_mean(x, weights):
+    """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
+    return (x * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def weighted_var(x, weights):
+    """Variance of x over the entries where weights (0/1) is 1."""
+    return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
+
+
+def gae(rewards, values, masks, gamma, gae_lambda):
+    """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
+    (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
+    advantages = torch.zeros_like(values[:-1])
+    last_advantage = torch.zeros_like(values[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_mask = masks[t + 1].unsqueeze(-1)
+        delta = rewards[t].unsqueeze(-1) + gamma * values[t + 1] * next_mask - values[t]
+        last_advantage = delta + gamma * gae_lambda * next_mask * last_advantage
+        advantages[t] = last_advantage
+    return advantages
+
+
+def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
+    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+        G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
+    rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
+    targets = torch.zeros_like(rewards)
+    next_return = q_tot_target[-1]
+    for t in reversed(range(rewards.shape[0])):
+        next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
+        targets[t] = next_return
+    return targets
+
+
+def time_limit_gae(rewards, values, masks, final_values, gamma, gae_lambda):
+    """The shared gae, except that a time-limit end bootstraps from the final observation instead of counting as
+    death (HARL does so on MuJoCo). final_values [T, E, N]: the denormalised V(o_final) where the episode was truncated
+    at step t, 0 elsewhere (and where it terminated). It enters as r_t + gamma * V(o_final); masks[t+1] = 0 there stops
+    the recursion. One gae call per agent, as each agent's V differs. -> advantages [T, E, N]"""
+    per_agent = [
+        gae(rewards + gamma * final_values[..., i], values[..., i : i + 1], masks, gamma, gae_lambda)
+        for i in range(values.shape[-1])
+    ]
+    return torch.cat(per_agent, -1)
+
+
+def gaussian_log_prob_entropy(mean, log_std, actions, act_mask):
+    """log pi(a | o) and the entropy of the diagonal Gaussian, summed over the real action dimensions only (padded
+    ones carry neither). mean and actions [*batch, act_dim], log_std [act_dim], act_mask [N, act_dim] -> two [*batch]"""
+    dist = Normal(mean, log_std.exp().expand_as(mean), validate_args=False)  # NaNs reach the loss check
+    return (dist.log_prob(actions) * act_mask).sum(-1), (dist.entropy() * act_mask).sum(-1)
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, weights, clip_coef):
+    """MAPPO's clipped surrogate L_clip (eq. (10), first term), an active-masked mean. -> (loss, approx_kl, clipfrac)"""
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+        approx_kl = weighted_mean((ratio - 1) - logratio, weights)
+        clipfrac = weighted_mean(((ratio - 1.0).abs() > clip_coef).float(), weights)
+    return -weighted_mean(surrogate, weights), approx_kl, clipfrac
+
+
+def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
+    """MAPPO's value loss in normalised units: Huber, with the update clipped around the rollout's values, max of both."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    loss = torch.max(
+        F.huber_loss(values, targets, reduction="none", delta=huber_delta),
+        F.huber_loss(values_clipped, targets, reduction="none", delta=huber_delta),
+    )
+    return weighted_mean(loss, weights)
+
+
+def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights):
+    """L_dpg = -Q_tot(s, mu(o)) (eq. (10), second term) with mu = the Gaussian mean [*batch, N, act_dim]. q_features
+    [*batch, N, H] (AgentQ's trunk), state [*batch, S], weights [*batch]. The Q-network and mixer enter as constants, so
+    the gradient reaches only the actor, through mu (its mean head and trunk; not the log-std)."""
+    frozen_head = {name: param.detach() for name, param in agent_q.head.named_parameters()}
+    agent_qs = torch.func.functional_call(agent_q.head, frozen_head, (torch.cat([q_features.detach(), mu], -1),))
+    frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
+    q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs.squeeze(-1), state))
+    return -weighted_mean(q_tot, weights)
+
+
+def soft_update(target, source, tau):
+    """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+            target_param.lerp_(param, tau)
+
+
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def actor_loss(mean, log_std, mb, q_features, agent_q, mixer, act_mask, nu, clip_coef, ent_coef):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H.
+    mean [L, B, N, act_dim], q_features [L, B, N, H]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    logprobs, entropy = gaussian_log_prob_entropy(mean, log_std, mb["actions"], act_mask)
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, clip_coef)
+    entropy = weighted_mean(entropy, weights)
+    # nu = 0 skips the Q branch entirely, so the run is MAPPO's
+    dpg = gaussian_dpg_loss(mean, q_features, mb["state"], agent_q, mixer, mb["valid"]) if nu > 0 else torch.zeros(())
+    loss = (1 - nu) * pg_loss + nu * dpg - ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=mean.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(
+            mean, log_std, sub_batch, q_features, agent_q, mixer, act_mask, args.nu, args.clip_coef, args.ent_coef
+        )
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+def one_hot_ids(num_agents, batch_shape, device):
+    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
+    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
+
+
+def actor_input(obs):
+    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
+    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+
+
+def critic_input(obs, state):
+    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
+    -> [*batch, N, S + D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+
+
+@torch.no_grad()
+def evaluate(actor, envs, hidden_dim, device, frames=None, frame_every=1):
+    """Runs one episode with mu (the Gaussian mean, fresh hidden states) in each env of envs, to its own end.
+    -> episodic team returns [num_envs]. With a list as frames, appends envs.render() every frame_every steps."""
+    obs = torch.as_tensor(envs.reset()[0], device=device)
+    act_mask = torch.as_tensor(envs.act_mask, device=device)
+    hidden = torch.zeros(envs.num_envs, envs.num_agents, hidden_dim, device=device)
+    masks = torch.ones(1, envs.num_envs, envs.num_agents, device=device)
+    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
+    if frames is not None:
+        frames.append(envs.render())
+    step = 0
+    while running.any():
+        mean, hidden = actor(actor_input(obs)[None], hidden, masks, act_mask)
+        next_obs, _, rewards, terminated, truncated, _, _ = envs.step(mean[0].cpu().numpy())
+        returns += running * rewards
+        running &= ~(terminated | truncated)
+        obs = torch.as_tensor(next_obs, device=device)
+        step += 1
+        if frames is not None and running.any() and step % frame_every == 0:
+            frames.append(envs.render())
+    return returns
+
+
+def make_envs(args, num_envs, seed, render_mode=None):
+    return MaMuJoCoEnvs(args.env, args.agent_conf, num_envs, seed, args.max_episode_steps, render_mode)
+
+
+def capture_video(actor, args, seed, hidden_dim, device, path):
+    """Renders one episode with mu to a GIF at path. Where MuJoCo finds no headless OpenGL backend, says so in one
+    line instead. -> path, or None"""
+    imageio = require("imageio", "pip install imageio", "--capture-video")
+    envs = make_envs(args, 1, seed, render_mode="rgb_array")
+    frame_every = max(1, round(0.1 / envs.dt))  # 10 frames per simulated second: a software-rendered frame takes ~60 ms
+    try:
+        envs.reset()
+        envs.render()  # a first frame tells whether an OpenGL backend works here
+    except Exception as error:  # each backend fails its own way (mujoco.FatalError, AttributeError, ImportError)
+        print(
+            f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} here "
+            f"({type(error).__name__}); install libegl1 (egl) or libosmesa6 (MUJOCO_GL=osmesa); no video",
+            file=sys.stderr,
+        )
+        envs.close()
+        return None
+    frames = []
+    evaluate(actor, envs, hidden_dim, device, frames, frame_every)
+    envs.close()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, duration=1000 * frame_every * envs.dt, loop=0)  # played in real time
+    return path
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_updates = args.total_timesteps // args.batch_size
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; mujoco reads it once, when first imported
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # --eval-only: load a saved model, evaluate it with mu, optionally render, and stop
+    if args.eval_only is not None:
+        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes})
+        envs = make_envs(saved, args.eval_episodes, args.seed)
+        actor = Actor(envs.obs_dim + envs.num_agents, envs.act_dim, saved.hidden_dim, saved.recurrent).to(device)
+        actor.load_state_dict(checkpoint["actor"])
+        returns = evaluate(actor, envs, saved.hidden_dim, device)
+        envs.close()
+        print(
+            f"{args.eval_only}: {saved.env} {saved.agent_conf}, {len(returns)} episodes with mu, "
+            f"return {returns.mean():.2f} +- {returns.std():.2f}"
+        )
+        if args.capture_video:
+            path = capture_video(
+                actor, saved, args.seed, saved.hidden_dim, device, f"videos/{os.path.basename(args.eval_only)}.gif"
+            )
+            if path is not None:
+                print("video:", path)
+        sys.exit(0)
+
+    run_name = f"{args.env}-{args.agent_conf.replace('|', '+')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+    )
+
+    # env setup: the mixer state is the env's global state, MaMuJoCo's state() (SPEC section 3)
+    envs = make_envs(args, args.num_envs, args.seed)
+    eval_envs = make_envs(args, args.eval_episodes, args.seed + 100_000)
+    E, N, A, H, T = args.num_envs, envs.num_agents, envs.act_dim, args.hidden_dim, args.num_steps
+    obs_dim, state_dim = envs.obs_dim, envs.state_dim
+    act_mask = torch.as_tensor(envs.act_mask, device=device)  # [N, A]: 1 on each agent's real action dimensions
+
+    # networks and their three optimisers (SPEC section 2)
+    actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
+    critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
+    # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
+    # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
+        mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
+    target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
+    value_norm = ValueNorm().to(device)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    q_params = list(agent_q.parameters()) + list(mixer.parameters())
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+
+    # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
+    obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
+    state = torch.zeros(T + 1, E, state_dim, device=device)
+    masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
+    active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in MaMuJoCo)
+    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
+    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actions = torch.zeros(T, E, N, A, device=device)  # unclipped, 0 on padded dimensions
+    logprobs = torch.zeros(T, E, N, device=device)
+    rollout_means = torch.zeros(T, E, N, A, device=device)
+    rewards = torch.zeros(T, E, device=device)  # the team reward
+    values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
+    time_limits = torch.zeros(T, E, device=device)  # 1 where the episode hit the time limit at step t (not terminated)
+    final_values = torch.zeros(T, E, N, device=device)  # there: V(o_final) in normalised units
+    final_q_tot = torch.zeros(T, E, device=device)  # there: Qhat'(s_final, mu(o_final)) in raw reward units
+
+    # TRY NOT TO MODIFY: start the game
+    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    next_obs, next_state = envs.reset()
+    obs[0], state[0], masks[0] = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_state, device=device), 0.0
+    episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
+    finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
+    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+
+    for update in range(1, args.num_updates + 1):
+        # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
+        for buffer in (time_limits, final_values, final_q_tot):
+            buffer.zero_()
+        for step in range(T):
+            global_step += E
+            agent_masks = masks[step : step + 1].unsqueeze(-1).expand(1, E, N)  # [1, E, N]
+            with torch.no_grad():
+                # ALGO LOGIC: action logic
+                mean, actor_hidden[step + 1] = actor(
+                    actor_input(obs[step : step + 1]), actor_hidden[step], agent_masks, act_mask
+                )
+                rollout_means[step] = mean[0]
+                actions[step] = (mean[0] + actor.log_std.exp() * torch.randn_like(mean[0])) * act_mask
+                logprobs[step] = gaussian_log_prob_entropy(mean[0], actor.log_std, actions[step], act_mask)[0]
+                critic_in = critic_input(obs[step : step + 1], state[step : step + 1])
+                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
+                values[step] = values_step[0]
+                _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            env_start = time.time()
+            next_obs, next_state, team_rewards, terminated, truncated, final_obs, final_state = envs.step(
+                actions[step].cpu().numpy()
+            )
+            env_time += time.time() - env_start
+            dones = terminated | truncated
+            rewards[step] = torch.as_tensor(team_rewards, device=device)
+            obs[step + 1] = torch.as_tensor(next_obs, device=device)
+            state[step + 1] = torch.as_tensor(next_state, device=device)
+            masks[step + 1] = torch.as_tensor(1.0 - dones, device=device)  # the next obs starts a new episode
+            if (truncated & ~terminated).any():
+                # A time-limit end is not death: bootstrap from V and Qhat' of the final observation (HARL does so on
+                # MuJoCo), evaluated with the hidden states that continue the episode. Termination does not bootstrap.
+                time_limits[step] = torch.as_tensor(truncated & ~terminated, device=device)
+                with torch.no_grad():
+                    last_obs = torch.as_tensor(final_obs, device=device)[None]  # [1, E, N, D]
+                    last_state = torch.as_tensor(final_state, device=device)[None]  # [1, E, S]
+                    last_critic_in = critic_input(last_obs, last_state)
+                    no_reset = torch.ones(1, E, N, device=device)
+                    final_values[step] = critic(last_critic_in, critic_hidden[step + 1], no_reset)[0][0]
+                    last_mu = actor(actor_input(last_obs), actor_hidden[step + 1], no_reset, act_mask)[0][0]
+                    last_features = target_agent_q(last_critic_in, q_hidden[step + 1], no_reset)[0][0]
+                    final_q_tot[step] = target_mixer(target_agent_q.q(last_features, last_mu), last_state[0])
+            episode_returns += team_rewards
+            episode_lengths += 1
+            if dones.any():
+                finished_returns += episode_returns[dones].tolist()
+                finished_lengths += episode_lengths[dones].tolist()
+                episode_returns[dones], episode_lengths[dones] = 0.0, 0
+
+        # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
+        agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
+        with torch.no_grad():
+            critic_in = critic_input(obs, state)  # [T+1, E, N, S + D + N]
+            values[T] = critic(critic_in[T:], critic_hidden[T], agent_masks[T:])[0][0]
+            values_raw = value_norm.denormalize(values)
+            final_values_raw = value_norm.denormalize(final_values) * time_limits.unsqueeze(-1)
+            raw_advantages = time_limit_gae(rewards, values_raw, masks, final_values_raw, args.gamma, args.gae_lambda)
+            returns = raw_advantages + values_raw[:T]
+            active = active_masks[:T]
+            # advantages are normalised once per rollout, over the active agents (MAPPO)
+            adv_mean, adv_std = weighted_mean(raw_advantages, active), weighted_var(raw_advantages, active).sqrt()
+            advantages = (raw_advantages - adv_mean) / (adv_std + 1e-5)
+
+            # Qhat'_t at the actions taken, and at mu(o_T) for the bootstrap at the segment end. The target network
+            # starts from the online Q's stored hidden state (stale, as MAPPO's chunk starts are).
+            target_features = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, H]
+            mu_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], act_mask)[0][0]  # [E, N, A]
+            target_agent_qs = target_agent_q.q(target_features, torch.cat([actions, mu_last[None]]))  # [T+1, E, N]
+            # a time-limit end at step t adds gamma * Qhat'(s_final, mu(o_final)) to r_t; masks[t+1] = 0 does the rest
+            q_returns = td_lambda_targets(
+                rewards + args.gamma * final_q_tot, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda
+            )
+
+            # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
+            q_features = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, H]
+            q_tot_taken = mixer(agent_q.q(q_features, actions), state[:T])  # [T, E]
+            noise = torch.randn(8, T, E, N, A, generator=diagnostics_rng, device=device)
+            sampled = (rollout_means + actor.log_std.exp() * noise) * act_mask  # [8, T, E, N, A]
+            q_sampled = agent_q.q(q_features.expand(8, T, E, N, H), sampled)  # [8, T, E, N]
+            control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
+            rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+
+        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
+        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
+        def to_chunks(x, pad_value=0.0):
+            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
+            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+
+        batch = {
+            name: to_chunks(x, pad_value=1.0 if name == "masks" else 0.0)
+            for name, x in {
+                "obs": obs[:T],
+                "state": state[:T],
+                "masks": masks[:T],
+                "active_masks": active,
+                "actions": actions,
+                "logprobs": logprobs,
+                "advantages": advantages,
+                "returns": returns,
+                "values": values[:T],
+                "q_returns": q_returns,
+                "valid": torch.ones(T, E, device=device),
+            }.items()
+        }
+        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
+        start_hidden = {
+            name: h[chunk_starts].flatten(0, 1)
+            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
+        }
+
+        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
+        n_chunks = n_windows * E
+        stats, grad_var = {}, None
+        for _epoch in range(args.update_epochs):
+            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+                mb = {name: x[:, mb_chunks] for name, x in batch.items()}
+                mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
+                mb_critic_in = critic_input(mb["obs"], mb["state"])
+                mean = actor(actor_input(mb["obs"]), start_hidden["actor"][mb_chunks], mb_masks, act_mask)[0]
+                q_features = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, H]
+                new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
+
+                loss, parts = actor_loss(
+                    mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, args.nu, args.clip_coef, args.ent_coef
+                )
+                if args.log_grad_var and grad_var is None:
+                    grad_var = actor_grad_variance(mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, actor, args)
+                valid = mb["valid"].bool()
+                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
+                v_loss = value_loss(
+                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
+                )
+                q_tot = mixer(agent_q.q(q_features, mb["actions"]), mb["state"])  # [L, B]
+                q_loss = weighted_mean((q_tot - mb["q_returns"]) ** 2, mb["valid"])
+
+                losses = {
+                    "policy_loss": parts["policy_loss"],
+                    "dpg_loss": parts["dpg_loss"],
+                    "value_loss": v_loss,
+                    "q_loss": q_loss,
+                }
+                if not torch.isfinite(torch.stack(list(losses.values()))).all():
+                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+                    sys.exit(
+                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
+                    )
+
+                for optimizer, module_loss, params in [
+                    (actor_optimizer, loss, actor.parameters()),
+                    (critic_optimizer, v_loss, critic.parameters()),
+                    (q_optimizer, q_loss, q_params),
+                ]:
+                    optimizer.zero_grad()
+                    module_loss.backward()
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_mixer, mixer, args.target_tau)
+
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
+                    stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
+
+        # carry the last slot over: episodes continue across updates
+        for buffer in (obs, state, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
+            buffer[0] = buffer[T]
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int(global_step / (time.time() - start_time))
+        explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        for name, value in stats.items():
+            writer.add_scalar(f"charts/{name}" if name == "q_tot_mean" else f"losses/{name}", value.item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
+        writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
+        if grad_var is not None:
+            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+        if finished_returns:
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            last_return = np.mean(finished_returns)
+            finished_returns, finished_lengths = [], []
+
+        # EVALUATE: episodes with mu (the Gaussian mean) and fresh hidden states on separate envs
+        if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
+            eval_return = evaluate(actor, eval_envs, H, device).mean()
+            writer.add_scalar("eval/episodic_return", eval_return, global_step)
+            if args.capture_video:
+                video = capture_video(actor, args, args.seed + update, H, device, f"videos/{run_name}/update_{update}.gif")
+                args.capture_video = video is not None  # without OpenGL, say so once, not at every evaluation
+
+        if time.time() - last_print > 10 or update == args.num_updates:
+            last_print = time.time()
+            print(
+                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
+                f"return {last_return:.2f} | eval {eval_return:.2f} | rvar {rvar_value.item():.3f}",
+                flush=True,
+            )
+
+    wall = time.time() - start_time
+    print(
+        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
+        f"env stepping took {env_time / wall:.0%} of the time"
+    )
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        checkpoint = {
+            "args": asdict(args),
+            **{
+                name: net.state_dict()
+                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
+            },
+            "value_norm": value_norm.state_dict(),
+        }
+        torch.save(checkpoint, model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
+        print(f"model saved to {model_path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()

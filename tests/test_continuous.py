@@ -1,0 +1,245 @@
+"""maipg_continuous.py: smoke runs on Multi-Agent MuJoCo (equal, unequal observation and unequal action sizes), save then
+--eval-only, videos, the padded action dimensions, the dpg gradient, the time-limit bootstrap, nu = 0 being MAPPO, bad
+input and the NaN stop."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import maipg_continuous as mc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "maipg_continuous.py")
+# 2 envs x 32 steps with 20-step episodes: every rollout holds a time-limit end and a reset
+TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--max-episode-steps", "20"]
+TINY += ["--update-epochs", "1", "--eval-episodes", "2"]
+
+
+def run(args, cwd, check=True, **env):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def saved_model(cwd):
+    (path,) = glob.glob(os.path.join(cwd, "runs", "*", "maipg_continuous.pt"))
+    return path
+
+
+@pytest.mark.parametrize("robot, conf", [("HalfCheetah", "2x3"), ("Hopper", "3x1"), ("Humanoid", "9|8")])
+def test_smoke_then_eval_only(robot, conf, tmp_path):
+    result = run(["--env", robot, "--agent-conf", conf, "--eval-interval", "1", "--save-model", *TINY], tmp_path)
+    assert "update 1/1" in result.stdout and "env stepping took" in result.stdout
+    assert glob.glob(os.path.join(tmp_path, "runs", "*", "events.out.tfevents.*"))
+    checkpoint = torch.load(saved_model(tmp_path), weights_only=True)
+    assert {"args", "actor", "critic", "agent_q", "mixer", "value_norm"} <= set(checkpoint)
+    assert checkpoint["value_norm"]["debiasing_term"] > 0
+    assert not glob.glob(os.path.join(tmp_path, "runs", "*", "*.tmp"))
+    result = run(["--eval-only", saved_model(tmp_path), "--eval-episodes", "3"], tmp_path)
+    assert f"{robot} {conf}, 3 episodes with mu" in result.stdout
+
+
+def test_video_or_one_line_without_opengl(tmp_path):
+    # no X display: GLFW cannot open a context, and the flag says so in one line instead of crashing the training run
+    flags = ["--capture-video", "--eval-interval", "1", "--no-recurrent", "--log-grad-var", "--mixer", "vdn", "--save-model"]
+    result = run([*flags, *TINY], tmp_path, MUJOCO_GL="glfw", DISPLAY="")
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("--capture-video")]
+    assert "cannot render with MUJOCO_GL=glfw" in line and "Traceback" not in result.stderr
+    assert "update 1/1" in result.stdout
+    result = run(["--eval-only", saved_model(tmp_path), "--capture-video"], tmp_path, MUJOCO_GL="egl")
+    if "--capture-video: MuJoCo cannot render" in result.stderr:
+        pytest.skip("no EGL here (apt-get install libegl1 libgl1-mesa-dri)")
+    assert "video:" in result.stdout and glob.glob(os.path.join(tmp_path, "videos", "*.gif"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The env interface and the padded action dimensions
+# ---------------------------------------------------------------------------------------------------------------------
+def test_padded_action_dimensions_never_reach_the_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working directory
+    envs = mc.MaMuJoCoEnvs("Humanoid", "9|8", 2, seed=0, max_episode_steps=1000)
+    assert envs.act_dims == [9, 8] and envs.act_mask.tolist()[1] == [1.0] * 8 + [0.0]
+    assert envs.obs_dims == [242, 170] and envs.obs_dim == 242
+    envs.reset()
+    sent = []
+    for env in envs.envs:
+        env_step = env.single_agent_env.step
+        env.single_agent_env.step = lambda action, env_step=env_step: sent.append(action.copy()) or env_step(action)
+    actions = np.full((2, 2, 9), 5.0, dtype=np.float32)  # far outside the bounds [-0.4, 0.4]
+    actions[:, 1, 8] = np.nan  # the padded dimension of agent 1: poison that must not travel
+    obs, state, rewards, *_ = envs.step(actions)
+    assert len(sent) == 2
+    for action in sent:  # the robot's 17 actuators, each set once, from the real dimensions only, clipped
+        assert action.shape == (17,) and np.isfinite(action).all()
+        np.testing.assert_allclose(action, 0.4)
+    assert obs.shape == (2, 2, 242) and (obs[:, 1, 170:] == 0).all() and state.shape == (2, 348)
+    envs.close()
+
+
+def test_time_limit_is_truncation_with_the_final_observation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    envs = mc.MaMuJoCoEnvs("HalfCheetah", "2x3", 2, seed=0, max_episode_steps=5)
+    longer = mc.MaMuJoCoEnvs("HalfCheetah", "2x3", 2, seed=0, max_episode_steps=6)  # the same episodes, one step longer
+    envs.reset(), longer.reset()
+    zero = np.zeros((2, 2, 3), dtype=np.float32)
+    for _ in range(4):
+        terminated, truncated = envs.step(zero)[3:5]
+        assert not (terminated | truncated).any()
+        longer.step(zero)
+    obs, state, _, terminated, truncated, final_obs, final_state = envs.step(zero)
+    assert truncated.all() and not terminated.any()  # HalfCheetah never falls: the 5-step limit is a truncation
+    obs_5, state_5 = longer.step(zero)[:2]
+    np.testing.assert_array_equal(final_obs, obs_5)  # what the episode ended in...
+    np.testing.assert_array_equal(final_state, state_5)
+    assert not np.allclose(obs, obs_5)  # ...while obs already starts the next episode
+    hopper = mc.MaMuJoCoEnvs("Hopper", "3x1", 1, seed=0, max_episode_steps=1000)
+    hopper.reset()
+    for _ in range(200):
+        terminated, truncated = hopper.step(np.ones((1, 3, 1), dtype=np.float32))[3:5]
+        if terminated[0] or truncated[0]:
+            break
+    assert terminated[0] and not truncated[0]  # full torque topples the hopper long before the time limit
+    for vec_env in (envs, longer, hopper):
+        vec_env.close()
+
+
+def test_padded_dimensions_carry_no_log_prob_or_entropy():
+    torch.manual_seed(0)
+    act_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # agent 1 has 2 real dimensions out of 3
+    actor = mc.Actor(5, 3, 16, True)
+    with torch.no_grad():
+        actor.log_std.copy_(torch.tensor([0.3, -0.2, 1.7]))
+    mean, _ = actor(torch.randn(4, 6, 2, 5), torch.zeros(6, 2, 16), torch.ones(4, 6, 2), act_mask)
+    assert (mean[..., 1, 2] == 0).all()  # mu is 0 on the padded dimension
+    actions = torch.randn(4, 6, 2, 3)
+    logp, entropy = mc.gaussian_log_prob_entropy(mean, actor.log_std, actions, act_mask)
+    moved = actions.clone()
+    moved[..., 1, 2] += 100.0
+    torch.testing.assert_close(mc.gaussian_log_prob_entropy(mean, actor.log_std, moved, act_mask)[0], logp)
+    per_dim_entropy = 0.5 + 0.5 * np.log(2 * np.pi) + actor.log_std.detach()
+    torch.testing.assert_close(entropy[..., 0], per_dim_entropy.sum().expand(4, 6))
+    torch.testing.assert_close(entropy[..., 1], per_dim_entropy[:2].sum().expand(4, 6))
+    expected = torch.distributions.Normal(mean[..., 1, :2], actor.log_std[:2].exp()).log_prob(actions[..., 1, :2]).sum(-1)
+    torch.testing.assert_close(logp[..., 1], expected)
+
+
+def test_dpg_gradient_reaches_the_mean_head_and_not_the_log_std():
+    torch.manual_seed(0)
+    N, D, S, A, H = 2, 4, 7, 3, 16
+    act_mask = torch.ones(N, A)
+    actor, critic = mc.Actor(D + N, A, H, True), mc.Critic(S + D + N, H, True)
+    agent_q, mixer = mc.AgentQ(S + D + N, A, H, True), mc.QMixer(N, S)
+    obs, state, masks = torch.randn(5, 3, N, D), torch.randn(5, 3, S), torch.ones(5, 3, N)
+    mean, _ = actor(mc.actor_input(obs), torch.zeros(3, N, H), masks, act_mask)
+    critic_in = mc.critic_input(obs, state)
+    q_features, _ = agent_q(critic_in, torch.zeros(3, N, H), masks)
+    critic(critic_in, torch.zeros(3, N, H), masks)
+    mc.gaussian_dpg_loss(mean, q_features, state, agent_q, mixer, torch.ones(5, 3)).backward()
+    assert actor.head.weight.grad.abs().sum() > 0 and actor.trunk.gru.weight_ih_l0.grad.abs().sum() > 0
+    assert actor.log_std.grad is None or (actor.log_std.grad == 0).all()
+    for module in (critic, agent_q, mixer):
+        assert all(p.grad is None or (p.grad == 0).all() for p in module.parameters())
+
+
+def test_agent_q_reuses_the_trunk_for_any_action():
+    torch.manual_seed(0)
+    agent_q = mc.AgentQ(6, 2, 16, True)
+    features, _ = agent_q(torch.randn(4, 3, 6), torch.zeros(3, 16), torch.ones(4, 3))
+    actions = torch.randn(4, 3, 2)
+    q = agent_q.q(features, actions)
+    assert q.shape == (4, 3)
+    assert not torch.allclose(q, agent_q.q(features, actions + 1.0))  # the action matters, after the GRU
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Returns: a time-limit end bootstraps from the final observation, a termination does not
+# ---------------------------------------------------------------------------------------------------------------------
+def test_truncation_bootstraps_termination_does_not():
+    # Two envs, two steps, both episodes end at t = 1 (masks[2] = 0): env 0 by the time limit with V(o_final) = 10 and
+    # Qhat'(s_final, mu(o_final)) = 20, env 1 by termination (no bootstrap). gamma = lambda = 0.5, V = 0, r = 1.
+    rewards, masks = torch.ones(2, 2), torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    values = torch.zeros(3, 2, 1)
+    final_values = torch.tensor([[[0.0], [0.0]], [[10.0], [0.0]]])  # [T, E, N]: only the truncated step of env 0
+    advantages = mc.time_limit_gae(rewards, values, masks, final_values, 0.5, 0.5)[..., 0]
+    #   env 0: A_1 = 1 + 0.5 * 10 = 6, A_0 = 1 + 0.5 * 0.5 * 6 = 2.5;   env 1: A_1 = 1, A_0 = 1 + 0.25 * 1 = 1.25
+    np.testing.assert_allclose(advantages.numpy(), [[2.5, 1.25], [6.0, 1.0]])
+    final_q_tot = torch.tensor([[0.0, 0.0], [20.0, 0.0]])
+    q_tot_target = torch.full((3, 2), 4.0)
+    targets = mc.td_lambda_targets(rewards + 0.5 * final_q_tot, q_tot_target, masks, 0.5, 0.5)
+    #   env 0: G_1 = 1 + 0.5 * 20 = 11, G_0 = 1 + 0.5 * (0.5 * 11 + 0.5 * 4) = 4.75;   env 1: G_1 = 1, G_0 = 2.25
+    np.testing.assert_allclose(targets.numpy(), [[4.75, 2.25], [11.0, 1.0]])
+
+
+def test_time_limit_gae_without_time_limits_is_the_shared_gae():
+    torch.manual_seed(0)
+    T, E, N = 11, 3, 2
+    rewards, values = torch.randn(T, E), torch.randn(T + 1, E, N)
+    masks = (torch.rand(T + 1, E) > 0.2).float()
+    got = mc.time_limit_gae(rewards, values, masks, torch.zeros(T, E, N), 0.99, 0.95)
+    torch.testing.assert_close(got, mc.gae(rewards, values, masks, 0.99, 0.95))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nu = 0 is MAPPO; bad input; the NaN stop
+# ---------------------------------------------------------------------------------------------------------------------
+def test_nu_zero_is_mappo(tmp_path):
+    """nu = 0: actor and V do not depend on the Q branch (mixer, TD(lambda), target rate); nu > 0 (the control): they do."""
+    params = {}
+    for name, extra in {
+        "qmix": ["--nu", "0"],
+        "vdn": ["--nu", "0", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
+        "qmix_nu": ["--nu", "0.5"],
+        "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
+    }.items():
+        os.makedirs(tmp_path / name)
+        run([*extra, "--save-model", "--eval-interval", "0", *TINY], tmp_path / name)
+        params[name] = torch.load(saved_model(tmp_path / name), weights_only=True)
+    for net in ("actor", "critic"):
+        for key, value in params["qmix"][net].items():
+            assert torch.equal(value, params["vdn"][net][key]), f"nu = 0: {net}.{key} depends on the Q branch"
+    assert not torch.equal(params["qmix_nu"]["actor"]["head.weight"], params["vdn_nu"]["actor"]["head.weight"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env", "Swimmer"], "--env must be one of HalfCheetah, Ant, Walker2d, Hopper, Humanoid"),
+        (["--env", "Hopper", "--agent-conf", "2x3"], "--agent-conf of Hopper must be one of 3x1"),
+        (["--nu", "1.5"], "--nu must be in [0, 1]"),
+        (["--mixer", "qtran"], "--mixer must be qmix or vdn"),
+        (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1"),
+        (["--total-timesteps", "100"], "--total-timesteps (100) is smaller than one rollout"),
+        (["--num-minibatches", "801"], "--num-minibatches must be in [1, 800]"),
+        (["--eval-only", "no/such/model.pt"], "--eval-only: no such file"),
+    ],
+)
+def test_bad_input_is_one_line(flags, message, capsys):
+    args = mc.tyro.cli(mc.Args, args=flags)
+    with pytest.raises(SystemExit) as exit_info:
+        mc.check_args(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bad_input_and_nan_stop_from_the_command_line(tmp_path):
+    result = run(["--agent-conf", "7x1"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "maipg_continuous.py: error: --agent-conf of HalfCheetah must be one of 2x3, 6x1, got '7x1'"
+    ]
+    result = run(["--learning-rate", "1e30", *TINY, "--update-epochs", "2"], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "update 1: losses/" in result.stderr and "Traceback" not in result.stderr
