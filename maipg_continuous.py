@@ -45,6 +45,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=False`"""
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
+    torch_threads: int = 1
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
+    machine; more helps one run with idle cores to spare"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -155,6 +158,7 @@ def check_args(args: Args) -> None:
         ("--num-steps", args.num_steps),
         ("--update-epochs", args.update_epochs),
         ("--chunk-len", args.chunk_len),
+        ("--torch-threads", args.torch_threads),
     ]:
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
@@ -646,6 +650,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # --eval-only: load a saved model, evaluate it with mu, optionally render, and stop

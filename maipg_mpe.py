@@ -43,6 +43,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=False`"""
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
+    torch_threads: int = 1
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
+    machine; more helps one run with idle cores to spare"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -136,10 +139,14 @@ def check_args(args: Args) -> None:
         fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
     if not 0.0 <= args.nu <= 1.0:
         fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag, value in [("--num-agents", args.num_agents), ("--num-envs", args.num_envs), ("--num-steps", args.num_steps)]:
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
-    for flag, value in [("--update-epochs", args.update_epochs), ("--chunk-len", args.chunk_len)]:
+    for flag, value in [
+        ("--num-agents", args.num_agents),
+        ("--num-envs", args.num_envs),
+        ("--num-steps", args.num_steps),
+        ("--update-epochs", args.update_epochs),
+        ("--chunk-len", args.chunk_len),
+        ("--torch-threads", args.torch_threads),
+    ]:
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
     if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
@@ -753,6 +760,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # --eval-only: load a saved model, evaluate it greedily, optionally render, and stop

@@ -13,8 +13,8 @@ Each run has its own folder OUT/{script}/{env}/nu{nu}__seed{seed}/ and runs ther
 --exp-name {script}_nu{nu}; its stdout and stderr go to log.txt in that folder. Only after the script exits 0 is a `done`
 file written there (atomically, holding the run's flags): a later sweep over the same OUT skips runs that have it, and
 reruns, from a clean folder, runs that do not. A `done` run whose flags differ from the requested ones is an error
-(use another --out). With --jobs J on C cores each run gets OMP_NUM_THREADS (torch's thread count)
-= max(1, C // min(J, runs to do)), so that the runs fill the cores without oversubscribing them.
+(use another --out). With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four
+maipg_*.py scripts) = max(1, C // min(J, runs to do)), so that the runs fill the cores without oversubscribing them.
 Failed runs are listed at the end, with the tail of their logs, and the exit status is 1.
 """
 
@@ -126,6 +126,11 @@ def log_tail(run, lines=5):
         return ""
 
 
+def launch_command(run, threads):
+    """The run's command, with --torch-threads for our scripts (they default to 1 thread and ignore OMP_NUM_THREADS)."""
+    return run["command"] + (["--torch-threads", str(threads)] if run["script"] in ENV_FLAGS else [])
+
+
 def run_locally(runs, jobs, threads):
     """Keeps up to `jobs` runs going; returns the failed runs with their exit status."""
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
@@ -137,7 +142,8 @@ def run_locally(runs, jobs, threads):
                 shutil.rmtree(run["folder"], ignore_errors=True)  # leftovers of an attempt that did not finish
                 os.makedirs(run["folder"])
                 log = open(os.path.join(run["folder"], "log.txt"), "w")
-                process = subprocess.Popen(run["command"], cwd=run["folder"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                command = launch_command(run, threads)
+                process = subprocess.Popen(command, cwd=run["folder"], env=env, stdout=log, stderr=subprocess.STDOUT)
                 running.append((process, log, run, time.time()))
                 print(f"started  {describe(run)}", flush=True)
             time.sleep(0.2)
@@ -179,7 +185,7 @@ def write_sbatch(runs, path, threads, options):
         lines += [
             f"{index})  # {describe(run)}",
             f"    folder={shlex.quote(run['folder'])}",
-            f"    command=({shlex.join(run['command'])})",
+            f"    command=({shlex.join(launch_command(run, threads))})",
             f"    record={shlex.quote(done_record(run))} ;;",
         ]
     lines += [
