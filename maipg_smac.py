@@ -1,0 +1,1105 @@
+"""MAIPG on the StarCraft Multi-Agent Challenge: real StarCraft II (SMAC) where it is installed, JaxMARL's SMAX elsewhere.
+
+Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
+deterministic, low-variance term: the actor minimises
+
+    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)),
+
+where L_clip is MAPPO's clipped surrogate on GAE advantages, Q_tot is a factorized Q-function (per-agent Q_i mixed by
+QMIX or VDN) learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through
+Gumbel-Softmax sample over the available actions). nu trades bias for variance: nu = 0 is exactly MAPPO.
+
+    python maipg_smac.py --map 2s3z --nu 0.3            # the paper's SMAC settings (App. D, Table 3), nu overridden
+    python maipg_smac.py --map 3m --env-backend smax     # SMAX: SMAC re-implemented in JAX, no game needed
+    python maipg_smac.py --help                          # every flag, with its meaning
+
+Backends: `sc2` is SMAC itself (`pip install git+https://github.com/oxwhirl/smac.git`, StarCraft II 4.10 in $SC2PATH
+and the SMAC maps in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0`; `auto` takes sc2 when the game
+and the map are found, else smax. SMAX's units, observations and scripted enemy differ from StarCraft II's: its win
+rates are not comparable to SMAC's. Flags left unset take the map's preset (Table 3 by difficulty, MAPPO's per-map
+scripts where the paper is silent); a flag given on the command line beats the preset.
+"""
+
+import copy
+import functools
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+from tyro.conf import DisallowNone
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = False
+    """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
+    torch_threads: int = 1
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
+    machine; more helps one run with idle cores to spare"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "maipg"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    save_model: bool = False
+    """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
+    eval_only: str | None = None
+    """path of a model saved with --save-model: evaluate it (--eval-episodes greedy episodes) instead of training"""
+
+    # Environment
+    map: str = "2s3z"
+    """the SMAC map (SMAX has 3m, 8m, 25m, 5m_vs_6m, 10m_vs_11m, 27m_vs_30m, 2s3z, 3s5z, 3s5z_vs_3s6z, 3s_vs_5z, 6h_vs_8z)"""
+    env_backend: str = "auto"
+    """sc2: SMAC on StarCraft II; smax: JaxMARL's SMAX; auto: sc2 when the game and the map are found, else smax"""
+    total_timesteps: int = 10_000_000
+    """total env steps of training (one step of one env counts once, whatever the number of agents)"""
+    num_envs: int = 8
+    """the number of parallel envs ("rollout threads"; with sc2, one game process each, and as many for evaluation)"""
+    num_steps: int = 400
+    """the rollout length per env between two updates (not the episode length, which the map sets: 60 to 400 steps)"""
+    eval_interval: int = 25
+    """evaluate every this many updates (0: never)"""
+    eval_episodes: int = 32
+    """the number of greedy evaluation episodes (eval/win_rate), shared among --num-envs separate eval envs"""
+
+    # Algorithm (MAPPO's values and the paper's App. D). None: the map's preset, see SMAC_PRESETS
+    nu: DisallowNone[float | None] = None
+    """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO (preset: 0.4 on easy maps, 0.3 on hard and super hard)"""
+    mixer: str = "qmix"
+    """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
+    learning_rate: float = 5e-4
+    """the learning rate of the actor, V and Q+mixer Adam optimisers"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of GAE (advantages for L_clip)"""
+    td_lambda: float = 0.8
+    """the lambda of the TD(lambda) targets of Q_tot"""
+    clip_coef: DisallowNone[float | None] = None
+    """the PPO clip of the ratio, also used to clip the value updates (preset: 0.2; 0.05 on 5m_vs_6m, 8m_vs_9m, 3s_vs_5z)"""
+    update_epochs: DisallowNone[int | None] = None
+    """the number of PPO epochs per update (preset: 5 on easy maps, 10 on hard, 15 on super hard)"""
+    num_minibatches: DisallowNone[int | None] = None
+    """the number of minibatches per epoch (preset: 1; 2 on MMM2)"""
+    chunk_len: int = 10
+    """the length (steps) of the recurrent training chunks, which start from the hidden states stored in the rollout"""
+    target_tau: float = 0.01
+    """the soft-update rate of the target Q-networks and mixer, applied after every Q optimiser step"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    max_grad_norm: float = 10.0
+    """the maximum gradient norm of each of the three optimisers"""
+    huber_delta: float = 10.0
+    """the delta of the Huber value loss (on normalised values)"""
+    hidden_dim: int = 64
+    """the width of every trunk (actor, V, Q)"""
+    recurrent: DisallowNone[bool | None] = None
+    """--no-recurrent: the trunks have no GRU, MAPPO's MLP variant (preset: off on corridor, 6h_vs_8z, 3s_vs_4z, 3s_vs_5z)"""
+    log_grad_var: bool = False
+    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
+    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """env steps per update (num_envs * num_steps)"""
+    num_updates: int = 0
+    """the number of updates (total_timesteps // batch_size)"""
+
+
+def fail(message: str) -> None:
+    """Stops the run with one line on stderr and exit status 2, no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: Args) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    if args.map not in SMAC_EPISODE_LIMITS:
+        fail(f"--map must be a SMAC map ({', '.join(SMAC_EPISODE_LIMITS)}), got {args.map!r}")
+    if args.env_backend not in ("auto", "sc2", "smax"):
+        fail(f"--env-backend must be auto, sc2 or smax, got {args.env_backend!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if args.nu is not None and not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for flag, value in [
+        ("--num-envs", args.num_envs),
+        ("--num-steps", args.num_steps),
+        ("--chunk-len", args.chunk_len),
+        ("--torch-threads", args.torch_threads),
+    ]:
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    if args.update_epochs is not None and args.update_epochs < 1:
+        fail(f"--update-epochs must be >= 1, got {args.update_epochs}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if args.num_minibatches is not None and not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-map presets: the paper's Table 3 by difficulty; MAPPO's per-map scripts where the paper is silent
+# ---------------------------------------------------------------------------------------------------------------------
+# map difficulty as in MAPPO's SMAC table (Yu et al., 2022), the code base and settings MAIPG builds on
+SMAC_DIFFICULTY = {
+    "easy": ["2m_vs_1z", "3m", "2s_vs_1sc", "2s3z", "3s_vs_3z", "3s_vs_4z", "so_many_baneling", "8m", "MMM", "1c3s5z",
+             "bane_vs_bane"],
+    "hard": ["3s_vs_5z", "2c_vs_64zg", "8m_vs_9m", "25m", "5m_vs_6m", "3s5z", "10m_vs_11m"],
+    "super hard": ["MMM2", "3s5z_vs_3s6z", "27m_vs_30m", "6h_vs_8z", "corridor"],
+}  # fmt: skip
+TABLE3 = {
+    "easy": {"update_epochs": 5, "nu": 0.4},
+    "hard": {"update_epochs": 10, "nu": 0.3},
+    "super hard": {"update_epochs": 15, "nu": 0.3},
+}
+MAPPO_MAP_SCRIPTS = {  # onpolicy/scripts/train_smac_scripts/train_smac_{map}.sh
+    "5m_vs_6m": {"clip_coef": 0.05},
+    "8m_vs_9m": {"clip_coef": 0.05},
+    "3s_vs_5z": {"clip_coef": 0.05, "recurrent": False},
+    "3s_vs_4z": {"recurrent": False},
+    "corridor": {"recurrent": False},
+    "6h_vs_8z": {"recurrent": False},
+    "MMM2": {"num_minibatches": 2},
+}
+PRESET_DEFAULTS = {"clip_coef": 0.2, "num_minibatches": 1, "recurrent": True}  # MAPPO's on every other map
+
+
+def apply_presets(args: Args) -> dict:
+    """Fills every preset-able flag left unset (None) from the map's preset. -> {flag: (value, where it came from)}"""
+    difficulty = next(level for level, maps in SMAC_DIFFICULTY.items() if args.map in maps)
+    presets = {name: (value, "MAPPO default") for name, value in PRESET_DEFAULTS.items()}
+    presets |= {name: (value, f"Table 3, {difficulty} map") for name, value in TABLE3[difficulty].items()}
+    presets |= {name: (value, f"MAPPO's {args.map} script") for name, value in MAPPO_MAP_SCRIPTS.get(args.map, {}).items()}
+    final = {}
+    for name, (value, source) in presets.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+        else:
+            source = "command line"
+        final[name] = (getattr(args, name), source)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: SMAC on StarCraft II (`sc2`) or on SMAX (`smax`), behind one batched interface.
+# Both return arrays shaped [envs, agents, ...]; a finished env is reset inside `step` after its terminal step was read
+# (its reward, win and done are returned; the returned obs is the first of its next episode).
+# ---------------------------------------------------------------------------------------------------------------------
+# SMAC's maps and their episode limits in steps (smac/env/starcraft2/maps/smac_maps.py)
+SMAC_EPISODE_LIMITS = {
+    "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "8m_vs_9m": 120, "10m_vs_11m": 150, "27m_vs_30m": 180, "MMM": 150,
+    "MMM2": 180, "2s3z": 120, "3s5z": 150, "3s5z_vs_3s6z": 170, "3s_vs_3z": 150, "3s_vs_4z": 200, "3s_vs_5z": 250,
+    "1c3s5z": 180, "2m_vs_1z": 150, "corridor": 400, "6h_vs_8z": 150, "2s_vs_1sc": 300, "so_many_baneling": 100,
+    "bane_vs_bane": 200, "2c_vs_64zg": 400,
+}  # fmt: skip
+SMAC_INSTALL = "pip install git+https://github.com/oxwhirl/smac.git"
+SMAC_MAPS_URL = "https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip"
+SC2_DEFAULT_PATHS = {
+    "linux": "~/StarCraftII",
+    "darwin": "/Applications/StarCraft II",
+    "win32": "C:/Program Files (x86)/StarCraft II",
+}
+# SMAC scales each battle's return to at most 20 (reward_scale_rate); SMAX's is at most 2 (1 for destroying all enemy
+# health + a won_battle_bonus of 1). Multiplying SMAX rewards by 10 puts Q_tot on the scale nu was tuned for (Table 3).
+SMAX_REWARD_SCALE = 10.0
+
+
+class EnvStep(NamedTuple):
+    obs: np.ndarray  # [E, N, obs_dim] float32, zeros for dead agents
+    state: np.ndarray  # [E, state_dim] float32, the global state (mixer input)
+    avail_actions: np.ndarray  # [E, N, n_actions] float32, 1 = available
+    alive: np.ndarray  # [E, N] bool
+    rewards: np.ndarray  # [E] float32, one team reward per env step
+    dones: np.ndarray  # [E] bool, the episode ended with this step (win, loss or the map's episode limit)
+    won: np.ndarray  # [E] bool, the episode ended with this step in a won battle
+
+
+@functools.cache
+def compile_smax(map_name: str, num_envs: int, compile_cache_dir: str):
+    """SMAX's batched reset and step for num_envs envs, compiled ahead of time, once per process (train and eval envs
+    of the same size share them). -> (env, reset, step)"""
+    import jax
+    import jax.numpy as jnp
+    from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
+
+    # on the CPU whatever the machine: at a few envs one fused XLA call there beats a GPU launch, and JAX would
+    # otherwise reserve most of the GPU memory that torch needs
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_compilation_cache_dir", compile_cache_dir)  # a second run reuses the compiled step
+    # episode limit = the SMAC map's (SMAX's default is 100 steps on every map)
+    env = HeuristicEnemySMAX(scenario=map_name_to_scenario(map_name), max_steps=SMAC_EPISODE_LIMITS[map_name])
+    agents = env.agents
+
+    def strong_types(tree):
+        """The same dtypes (no weak types) after reset and step, so the step compiles once."""
+        return jax.tree.map(lambda x: x.astype(x.dtype), tree)
+
+    def world_state(states):
+        """SMAX's world state [E, units * F + 2 * units] (per unit: health, x, y, cooldown, type one-hot; then every
+        unit's team and type index) with SMAC's scale: positions / map size and type indices / the largest, in [0, 1].
+        Raw, the positions (0 to 32) would dominate the mixer's hypernetworks, which see the state unnormalised."""
+        n_units, n_features = env.num_allies + env.num_enemies, len(env.own_features)
+        raw = jax.vmap(env.get_world_state)(states)
+        units = raw[:, : n_units * n_features].reshape(-1, n_units, n_features)
+        units = units.at[:, :, 1:3].divide(jnp.array([env.map_width, env.map_height]))
+        types = raw[:, -n_units:] / (env.unit_type_bits - 1)
+        return jnp.concatenate([units.reshape(-1, n_units * n_features), raw[:, -2 * n_units : -n_units], types], axis=1)
+
+    def observe(states):
+        """[E]-batched env states -> obs [E, N, obs_dim], state [E, state_dim], avail [E, N, A], alive [E, N]."""
+        obs = jax.vmap(env.get_obs)(states)
+        avail = jax.vmap(env.get_avail_actions)(states)
+        return (
+            jnp.stack([obs[a] for a in agents], axis=1),
+            world_state(states),
+            jnp.stack([avail[a] for a in agents], axis=1).astype(jnp.float32),
+            states.state.unit_alive[:, : env.num_allies],
+        )
+
+    def reset(key):
+        key, reset_key = jax.random.split(key)
+        _, states = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
+        return key, strong_types(states), observe(states)
+
+    def step(key, states, actions):
+        key, step_key, reset_key = jax.random.split(key, 3)
+        # step_env: the step without JaxMARL's auto-reset, so the terminal step's reward and win are seen
+        _, states, rewards, dones, _ = jax.vmap(env.step_env)(
+            jax.random.split(step_key, num_envs), states, {a: actions[:, i] for i, a in enumerate(agents)}
+        )
+        done = dones["__all__"]  # [E]
+        team_reward = rewards[agents[0]]  # every ally gets the same team reward
+        # a won battle, as SMAXLogWrapper counts it: the last step's reward holds the won-battle bonus
+        won = done & (team_reward >= env.won_battle_bonus)
+        # then reset the finished envs ourselves
+        _, fresh = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
+        states = jax.tree.map(lambda f, s: jnp.where(done.reshape((-1,) + (1,) * (s.ndim - 1)), f, s), fresh, states)
+        return key, strong_types(states), observe(states) + (team_reward * SMAX_REWARD_SCALE, done, won)
+
+    # compiled here, ahead of time, so that the run's env-stepping time is stepping only
+    key = jax.random.PRNGKey(0)
+    lowered_reset = jax.jit(reset).lower(key)
+    states = lowered_reset.out_info[1]  # the shapes and dtypes of the batched env states
+    actions = jax.ShapeDtypeStruct((num_envs, env.num_allies), jnp.int32)
+    return env, lowered_reset.compile(), jax.jit(step).lower(key, states, actions).compile()
+
+
+class SmaxEnvs:
+    """JaxMARL's SMAX (a JAX re-implementation of SMAC, against SMAC's scripted enemy): all envs in one jitted step."""
+
+    def __init__(self, map_name: str, num_envs: int, seed: int, compile_cache_dir: str):
+        import jax
+
+        env, self._reset, self._step = compile_smax(map_name, num_envs, compile_cache_dir)
+        self.num_envs, self.num_agents = num_envs, env.num_allies
+        self.obs_dim, self.state_dim = env.observation_space(env.agents[0]).shape[0], env.state_size
+        self.n_actions, self.episode_limit = env.action_space(env.agents[0]).n, env.max_steps
+        self.key, self.states = jax.random.PRNGKey(seed), None
+
+    def reset(self) -> EnvStep:
+        self.key, self.states, (obs, state, avail, alive) = self._reset(self.key)
+        zeros = np.zeros(self.num_envs, dtype=np.float32)
+        return EnvStep(*map(np.array, (obs, state, avail, alive)), zeros, zeros.astype(bool), zeros.astype(bool))
+
+    def step(self, actions: np.ndarray) -> EnvStep:
+        self.key, self.states, out = self._step(self.key, self.states, np.asarray(actions, dtype=np.int32))
+        return EnvStep(*map(np.array, out))  # copies: torch wants writable arrays
+
+    def close(self):
+        pass
+
+
+def make_starcraft2_env(map_name: str, seed: int):
+    """SMAC's StarCraft2Env with its default settings, built inside a worker process."""
+    from absl import flags
+    from smac.env import StarCraft2Env
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])  # pysc2 reads absl flags: parse them once, before the first reset
+    return StarCraft2Env(map_name=map_name, seed=seed)
+
+
+def sc2_worker(remote, parent_remote, env_factory):
+    """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
+    parent_remote.close()
+    env = env_factory()
+
+    def observe():
+        obs, state = np.array(env.get_obs(), dtype=np.float32), np.array(env.get_state(), dtype=np.float32)
+        avail = np.array(env.get_avail_actions(), dtype=np.float32)
+        alive = avail[:, 0] == 0  # SMAC: a dead agent can only no-op (action 0), a live one never can
+        return obs, state, avail, alive
+
+    try:
+        while True:
+            command, data = remote.recv()
+            if command == "step":
+                reward, terminated, info = env.step(data)
+                won = bool(info.get("battle_won", False))  # a failed game step returns an empty info
+                if terminated:
+                    env.reset()
+                remote.send(observe() + (reward, terminated, won))
+            elif command == "reset":
+                env.reset()
+                remote.send(observe())
+            elif command == "get_env_info":
+                remote.send(env.get_env_info())
+            elif command == "close":
+                break
+    finally:
+        env.close()
+        remote.close()
+
+
+class Sc2Envs:
+    """SMAC on StarCraft II: one worker process per env (each runs its own game), stepped together over pipes."""
+
+    def __init__(self, map_name: str, num_envs: int, seed: int, env_factory=make_starcraft2_env):
+        ctx = mp.get_context()  # the platform's default (fork on Linux, as MAPPO's workers); spawn works as well
+        self.remotes, work_remotes = zip(*[ctx.Pipe() for _ in range(num_envs)], strict=True)
+        self.processes = []
+        for i, (remote, work_remote) in enumerate(zip(self.remotes, work_remotes, strict=True)):
+            # env i's seed as MAPPO's train_smac.py gives it
+            factory = functools.partial(env_factory, map_name=map_name, seed=seed + 1000 * i)
+            process = ctx.Process(target=sc2_worker, args=(work_remote, remote, factory), daemon=True)
+            process.start()
+            self.processes.append(process)
+            work_remote.close()
+        self.remotes[0].send(("get_env_info", None))
+        info = self.remotes[0].recv()
+        self.num_envs, self.num_agents = num_envs, info["n_agents"]
+        self.obs_dim, self.state_dim = info["obs_shape"], info["state_shape"]
+        self.n_actions, self.episode_limit = info["n_actions"], info["episode_limit"]
+
+    def reset(self) -> EnvStep:
+        for remote in self.remotes:
+            remote.send(("reset", None))
+        obs, state, avail, alive = map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True))
+        zeros = np.zeros(self.num_envs, dtype=np.float32)
+        return EnvStep(obs, state, avail, alive, zeros, zeros.astype(bool), zeros.astype(bool))
+
+    def step(self, actions: np.ndarray) -> EnvStep:
+        for remote, env_actions in zip(self.remotes, actions, strict=True):
+            remote.send(("step", env_actions.tolist()))
+        obs, state, avail, alive, rewards, dones, won = map(
+            np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True)
+        )
+        return EnvStep(obs, state, avail, alive, rewards.astype(np.float32), dones, won)
+
+    def close(self):
+        for remote in self.remotes:
+            remote.send(("close", None))
+        for process in self.processes:
+            process.join()
+
+
+def sc2_problem(map_name: str) -> str | None:
+    """Why the sc2 backend cannot run this map here (one line), or None when it can."""
+    try:
+        from smac.env import StarCraft2Env  # noqa: F401
+    except ImportError:
+        # PyPI's `smac` is SMAC3, an unrelated optimiser that also installs a top-level `smac` module
+        return f"SMAC is not installed: {SMAC_INSTALL}; PyPI's `smac` is SMAC3, another package"
+    sc2_path = Path(os.environ.get("SC2PATH", SC2_DEFAULT_PATHS.get(sys.platform, "~/StarCraftII"))).expanduser()
+    if not (sc2_path / "Versions").is_dir():
+        return f"StarCraft II not found: {sc2_path / 'Versions'} does not exist (install StarCraft II 4.10 and set SC2PATH)"
+    map_file = sc2_path / "Maps" / "SMAC_Maps" / f"{map_name}.SC2Map"
+    if not map_file.is_file():
+        return f"SMAC map not found: {map_file} (unzip SMAC_Maps.zip from {SMAC_MAPS_URL} into {map_file.parent.parent})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (MAPPO's, SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Trunk(nn.Module):
+    """LayerNorm(input) -> [Linear -> ReLU -> LayerNorm] x 2 -> GRU -> LayerNorm, shared design of actor, V and Q_i."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(input_dim),
+            layer_init(nn.Linear(input_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+        )
+        self.gru = nn.GRU(hidden_dim, hidden_dim) if recurrent else None
+        if recurrent:
+            for name, param in self.gru.named_parameters():
+                nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
+            self.gru_norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, x, hidden, masks):
+        """x [L, *batch, in], hidden [*batch, H] entering step 0, masks [L, *batch] (0: an episode starts at this step)
+        -> features [L, *batch, H], hidden after step L-1 [*batch, H]."""
+        x = self.mlp(x)
+        if self.gru is None:
+            return x, hidden
+        seq_len, batch, hidden_dim = x.shape[0], x.shape[1:-1], x.shape[-1]
+        x, hidden, masks = (
+            x.reshape(seq_len, -1, hidden_dim),
+            hidden.reshape(1, -1, hidden_dim),
+            masks.reshape(seq_len, 1, -1, 1),
+        )
+        if bool((masks[1:] == 1).all()):  # no episode restarts inside the window: one fused GRU call
+            x, hidden = self.gru(x, hidden * masks[0])
+        else:  # step by step, forgetting the memory where an episode restarts
+            outputs = []
+            for t in range(seq_len):
+                out, hidden = self.gru(x[t : t + 1], hidden * masks[t])
+                outputs.append(out)
+            x = torch.cat(outputs)
+        return self.gru_norm(x).reshape(seq_len, *batch, hidden_dim), hidden.reshape(*batch, hidden_dim)
+
+
+class Actor(nn.Module):
+    """pi_theta(a_i | o_i, i), shared by all agents."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
+
+    def forward(self, x, hidden, masks, avail_actions):
+        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
+
+
+class Critic(nn.Module):
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> values [L, *batch], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).squeeze(-1), hidden
+
+
+class AgentQ(nn.Module):
+    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features), hidden
+
+
+class QMixer(nn.Module):
+    """QMIX: Q_tot = ELU(q |W1(s)| + b1(s)) |W2(s)| + V(s); the absolute weights make dQ_tot/dQ_i >= 0.
+    PyTorch's default initialisation, as pymarl's mixer."""
+
+    def __init__(self, num_agents, state_dim, embed_dim=32, hypernet_dim=64):
+        super().__init__()
+        self.num_agents, self.embed_dim = num_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(
+            nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, num_agents * embed_dim)
+        )
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.state_value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, agent_qs, state):
+        """agent_qs [*batch, n_agents], state [*batch, state_dim] -> q_tot [*batch]"""
+        w1 = self.hyper_w1(state).abs().view(*state.shape[:-1], self.num_agents, self.embed_dim)
+        hidden = F.elu((agent_qs.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        w2 = self.hyper_w2(state).abs()
+        return (hidden * w2).sum(-1) + self.state_value(state).squeeze(-1)
+
+
+class VDNMixer(nn.Module):
+    """VDN: Q_tot = sum_i Q_i (the state is ignored)."""
+
+    def forward(self, agent_qs, state):
+        return agent_qs.sum(-1)
+
+
+class ValueNorm(nn.Module):
+    """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
+
+    def __init__(self, beta=0.99999, epsilon=1e-5):
+        super().__init__()
+        self.beta, self.epsilon = beta, epsilon
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_var(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+
+    def normalize(self, x):
+        mean, var = self.mean_var()
+        return (x - mean) / var.sqrt()
+
+    def denormalize(self, x):
+        mean, var = self.mean_var()
+        return x * var.sqrt() + mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The algorithm's pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+def weighted_mean(x, weights):
+    """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
+    return (x * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def weighted_var(x, weights):
+    """Variance of x over the entries where weights (0/1) is 1."""
+    return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
+
+
+def gae(rewards, values, masks, gamma, gae_lambda):
+    """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
+    (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
+    advantages = torch.zeros_like(values[:-1])
+    last_advantage = torch.zeros_like(values[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_mask = masks[t + 1].unsqueeze(-1)
+        delta = rewards[t].unsqueeze(-1) + gamma * values[t + 1] * next_mask - values[t]
+        last_advantage = delta + gamma * gae_lambda * next_mask * last_advantage
+        advantages[t] = last_advantage
+    return advantages
+
+
+def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
+    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+        G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
+    rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
+    targets = torch.zeros_like(rewards)
+    next_return = q_tot_target[-1]
+    for t in reversed(range(rewards.shape[0])):
+        next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
+        targets[t] = next_return
+    return targets
+
+
+def gumbel_straight_through(logits, tau=1.0):
+    """mu_i for discrete actions: a Gumbel-Softmax sample, one-hot in the forward pass, the softmax's gradient in the
+    backward pass. Masked logits (-1e10) keep probability 0, so an unavailable action is never picked."""
+    gumbels = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1) noise
+    soft = F.softmax((logits + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, weights, clip_coef):
+    """MAPPO's clipped surrogate L_clip (eq. (10), first term), an active-masked mean. -> (loss, approx_kl, clipfrac)"""
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+        approx_kl = weighted_mean((ratio - 1) - logratio, weights)
+        clipfrac = weighted_mean(((ratio - 1.0).abs() > clip_coef).float(), weights)
+    return -weighted_mean(surrogate, weights), approx_kl, clipfrac
+
+
+def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
+    """MAPPO's value loss in normalised units: Huber, with the update clipped around the rollout's values, max of both."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    loss = torch.max(
+        F.huber_loss(values, targets, reduction="none", delta=huber_delta),
+        F.huber_loss(values_clipped, targets, reduction="none", delta=huber_delta),
+    )
+    return weighted_mean(loss, weights)
+
+
+def dpg_loss(mu, q_values, state, mixer, weights):
+    """L_dpg = -Q_tot(s, mu(o)) (eq. (10), second term). mu [*batch, N, A] (straight-through one-hot), q_values
+    [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as constants, so the gradient
+    reaches only the actor, through mu."""
+    agent_qs = (mu * q_values.detach()).sum(-1)
+    frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
+    q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state))
+    return -weighted_mean(q_tot, weights)
+
+
+def soft_update(target, source, tau):
+    """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+            target_param.lerp_(param, tau)
+
+
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def actor_loss(logits, mb, q_values, mixer, nu, clip_coef, ent_coef):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H.
+    logits and q_values [L, B, N, A]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    pg_loss, approx_kl, clipfrac = ppo_loss(dist.log_prob(mb["actions"]), mb["logprobs"], mb["advantages"], weights, clip_coef)
+    entropy = weighted_mean(dist.entropy(), weights)
+    # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+    dpg = dpg_loss(gumbel_straight_through(logits), q_values, mb["state"], mixer, mb["valid"]) if nu > 0 else torch.zeros(())
+    loss = (1 - nu) * pg_loss + nu * dpg - ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+def one_hot_ids(num_agents, batch_shape, device):
+    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
+    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
+
+
+def actor_input(obs):
+    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
+    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+
+
+def critic_input(obs, state, alive):
+    """MAPPO's agent-specific critic input ("AS"): global state ++ own observation ++ id, and for a dead agent zeros ++
+    its id (MAPPO's death masking). obs [*batch, N, D], state [*batch, S], alive [*batch, N] -> [*batch, N, S + D + N]"""
+    num_agents = obs.shape[-2]
+    features = torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), obs], -1) * alive.unsqueeze(-1)
+    return torch.cat([features, one_hot_ids(num_agents, obs.shape[:-2], obs.device)], -1)
+
+
+@torch.no_grad()
+def evaluate(actor, envs, num_episodes, hidden_dim, device):
+    """Greedy episodes (argmax of the masked logits, fresh hidden states), each run to its own end; env i plays its
+    share of num_episodes one after the other. -> (episodic team returns, won flags), num_episodes of each"""
+    E, N = envs.num_envs, envs.num_agents
+    episodes_left = num_episodes // E + (np.arange(E) < num_episodes % E)  # [E]
+    env_step = envs.reset()
+    hidden = torch.zeros(E, N, hidden_dim, device=device)
+    masks = torch.ones(1, E, N, device=device)
+    running_returns, returns, wins = np.zeros(E), [], []
+    while episodes_left.any():
+        obs = torch.as_tensor(env_step.obs, device=device)[None]
+        avail_actions = torch.as_tensor(env_step.avail_actions, device=device)[None]
+        logits, hidden = actor(actor_input(obs), hidden, masks, avail_actions)
+        env_step = envs.step(logits[0].argmax(-1).cpu().numpy())
+        running_returns += env_step.rewards
+        for i in np.flatnonzero(env_step.dones & (episodes_left > 0)):
+            returns.append(running_returns[i])
+            wins.append(env_step.won[i])
+            episodes_left[i] -= 1
+        running_returns[env_step.dones] = 0.0
+        masks = torch.as_tensor(1.0 - env_step.dones, dtype=torch.float32, device=device).expand(N, E).T[None]
+    return np.array(returns), np.array(wins)
+
+
+def resolve_backend(args: Args) -> str:
+    """auto -> sc2 when SMAC, the game and the map are all found, else smax, saying which and why."""
+    if args.env_backend in ("auto", "sc2"):
+        problem = sc2_problem(args.map)
+        if problem is None:
+            print(f"--env-backend {args.env_backend}: SMAC on StarCraft II, map {args.map}")
+            return "sc2"
+        if args.env_backend == "sc2":
+            fail(f"--env-backend sc2: {problem}")
+        print(f"--env-backend auto: using smax, as {problem}. SMAX win rates are not comparable to StarCraft II's.")
+    require("jaxmarl", "pip install jaxmarl==0.2.0", "--env-backend smax")
+    from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+
+    smax_maps = [name for name in MAP_NAME_TO_SCENARIO if name in SMAC_EPISODE_LIMITS]
+    if args.map not in smax_maps:
+        fail(f"--map {args.map} is not in SMAX, whose SMAC maps are {', '.join(smax_maps)} (the sc2 backend has all)")
+    return "smax"
+
+
+def make_envs(args: Args, backend: str, num_envs: int, seed: int):
+    if backend == "sc2":
+        return Sc2Envs(args.map, num_envs, seed)
+    # JAX's compilation cache sits beside the runs, so that the next run skips compiling the SMAX step
+    return SmaxEnvs(args.map, num_envs, seed, os.path.abspath(os.path.join("runs", "jax_cache")))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    presets = apply_presets(args)
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_updates = args.total_timesteps // args.batch_size
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # --eval-only: load a saved model, evaluate it greedily and stop
+    if args.eval_only is not None:
+        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        # the backend the model was trained on, unless one is given (observation sizes differ between backends)
+        backend = checkpoint["args"]["env_backend"] if args.env_backend == "auto" else args.env_backend
+        saved = Args(**{**checkpoint["args"], "env_backend": backend})
+        envs = make_envs(saved, resolve_backend(saved), min(saved.num_envs, args.eval_episodes), args.seed)
+        actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
+        actor.load_state_dict(checkpoint["actor"])
+        returns, wins = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
+        envs.close()
+        print(
+            f"{args.eval_only}: {saved.map}, {len(returns)} greedy episodes, win rate {wins.mean():.3f}, "
+            f"return {returns.mean():.2f} +- {returns.std():.2f}"
+        )
+        sys.exit(0)
+
+    backend = resolve_backend(args)
+    run_name = f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+    )
+    writer.add_text(
+        "presets",
+        "|flag|value|from|\n|-|-|-|\n" + "\n".join(f"|{name}|{value}|{source}|" for name, (value, source) in presets.items()),
+    )
+    print(f"{args.map} ({backend}): " + ", ".join(f"{name} {value} ({source})" for name, (value, source) in presets.items()))
+
+    # env setup: sizes come from the env (SMAC and SMAX observe differently); the mixer state is the global state
+    envs = make_envs(args, backend, args.num_envs, args.seed)
+    eval_envs = make_envs(args, backend, args.num_envs, args.seed + 100_000) if args.eval_interval > 0 else None
+    E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
+    obs_dim, state_dim = envs.obs_dim, envs.state_dim
+
+    # networks and their three optimisers (SPEC section 2)
+    actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
+    critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
+    # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
+    # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
+        mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
+    target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
+    value_norm = ValueNorm().to(device)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    q_params = list(agent_q.parameters()) + list(mixer.parameters())
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+
+    # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
+    obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
+    state = torch.zeros(T + 1, E, state_dim, device=device)
+    avail_actions = torch.ones(T + 1, E, N, A, device=device)
+    masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
+    active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for agents dead at obs[t] (all alive at an episode start)
+    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
+    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(T, E, N, device=device)
+    rollout_logits = torch.zeros(T, E, N, A, device=device)
+    rewards = torch.zeros(T, E, device=device)  # the team reward (SMAC gives one; SMAX gives it to every ally)
+    values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
+
+    def store(t, env_step):
+        """Writes what the envs returned into slot t of the buffers."""
+        obs[t] = torch.as_tensor(env_step.obs, device=device)
+        state[t] = torch.as_tensor(env_step.state, device=device)
+        avail_actions[t] = torch.as_tensor(env_step.avail_actions, device=device)
+        active_masks[t] = torch.as_tensor(env_step.alive, dtype=torch.float32, device=device)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    store(0, envs.reset())
+    masks[0] = 0.0
+    episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
+    finished_returns, finished_lengths, finished_wins = [], [], []
+    last_return, last_win_rate, eval_win_rate = float("nan"), float("nan"), float("nan")
+    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+
+    for update in range(1, args.num_updates + 1):
+        # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
+        for step in range(T):
+            global_step += E
+            agent_masks = masks[step : step + 1].unsqueeze(-1).expand(1, E, N)  # [1, E, N]
+            with torch.no_grad():
+                # ALGO LOGIC: action logic. Unavailable actions have logit -1e10: a dead agent can only no-op.
+                logits, actor_hidden[step + 1] = actor(
+                    actor_input(obs[step : step + 1]), actor_hidden[step], agent_masks, avail_actions[step : step + 1]
+                )
+                dist = Categorical(logits=logits[0])
+                actions[step] = dist.sample()
+                logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]
+                critic_in = critic_input(obs[step : step + 1], state[step : step + 1], active_masks[step : step + 1])
+                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
+                values[step] = values_step[0]
+                _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            env_start = time.time()
+            env_step = envs.step(actions[step].cpu().numpy())
+            env_time += time.time() - env_start
+            store(step + 1, env_step)
+            rewards[step] = torch.as_tensor(env_step.rewards, device=device)
+            # the map's episode limit is treated as termination, as MAPPO does: masks cut the bootstrap there
+            dones = env_step.dones
+            masks[step + 1] = torch.as_tensor(1.0 - dones, device=device)
+            episode_returns += env_step.rewards
+            episode_lengths += 1
+            if dones.any():
+                finished_returns += episode_returns[dones].tolist()
+                finished_lengths += episode_lengths[dones].tolist()
+                finished_wins += env_step.won[dones].tolist()
+                episode_returns[dones], episode_lengths[dones] = 0.0, 0
+
+        # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
+        agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
+        with torch.no_grad():
+            critic_in = critic_input(obs, state, active_masks)  # [T+1, E, N, S + D + N]
+            values[T] = critic(critic_in[T:], critic_hidden[T], agent_masks[T:])[0][0]
+            values_raw = value_norm.denormalize(values)
+            raw_advantages = gae(rewards, values_raw, masks, args.gamma, args.gae_lambda)  # [T, E, N]
+            returns = raw_advantages + values_raw[:T]
+            active = active_masks[:T]
+            # advantages are normalised once per rollout, over the active agents (MAPPO)
+            adv_mean, adv_std = weighted_mean(raw_advantages, active), weighted_var(raw_advantages, active).sqrt()
+            advantages = (raw_advantages - adv_mean) / (adv_std + 1e-5)
+
+            # Qhat'_t at the actions taken, and at the greedy mu(o_T) for the bootstrap at the segment end. The target
+            # network starts from the online Q's stored hidden state (stale, as MAPPO's chunk starts are).
+            target_q_values = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, A]
+            greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
+            target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
+            target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
+            q_returns = td_lambda_targets(rewards, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda)
+
+            # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
+            q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            q_tot_taken = mixer(q_values_online.gather(-1, actions.unsqueeze(-1)).squeeze(-1), state[:T])  # [T, E]
+            probs = rollout_logits.softmax(-1).reshape(-1, A)
+            sampled = torch.multinomial(probs, 8, replacement=True, generator=diagnostics_rng).T.reshape(8, T, E, N)
+            q_sampled = q_values_online.expand(8, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+            control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
+            rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+
+        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
+        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
+        def to_chunks(x, pad_value=0.0):
+            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
+            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+
+        batch = {
+            name: to_chunks(x, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
+            for name, x in {
+                "obs": obs[:T],
+                "state": state[:T],
+                "avail_actions": avail_actions[:T],
+                "masks": masks[:T],
+                "active_masks": active,
+                "actions": actions,
+                "logprobs": logprobs,
+                "advantages": advantages,
+                "returns": returns,
+                "values": values[:T],
+                "q_returns": q_returns,
+                "valid": torch.ones(T, E, device=device),
+            }.items()
+        }
+        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
+        start_hidden = {
+            name: h[chunk_starts].flatten(0, 1)
+            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
+        }
+
+        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
+        n_chunks = n_windows * E
+        stats, grad_var = {}, None
+        for _epoch in range(args.update_epochs):
+            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+                mb = {name: x[:, mb_chunks] for name, x in batch.items()}
+                mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
+                mb_critic_in = critic_input(mb["obs"], mb["state"], mb["active_masks"])
+                logits = actor(actor_input(mb["obs"]), start_hidden["actor"][mb_chunks], mb_masks, mb["avail_actions"])[0]
+                q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
+                new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
+
+                loss, parts = actor_loss(logits, mb, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+                if args.log_grad_var and grad_var is None:
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, actor, args)
+                valid = mb["valid"].bool()
+                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                # MAPPO's SMAC scripts pass --use_value_active_masks, which turns value active masking OFF: dead
+                # agents' values are still regressed (onto the team's returns). Kept here; the policy loss is masked.
+                weights = mb["valid"].unsqueeze(-1).expand(-1, -1, N)
+                v_loss = value_loss(
+                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
+                )
+                q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
+                q_loss = weighted_mean((q_tot - mb["q_returns"]) ** 2, mb["valid"])
+
+                losses = {
+                    "policy_loss": parts["policy_loss"],
+                    "dpg_loss": parts["dpg_loss"],
+                    "value_loss": v_loss,
+                    "q_loss": q_loss,
+                }
+                if not torch.isfinite(torch.stack(list(losses.values()))).all():
+                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+                    sys.exit(
+                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
+                    )
+
+                for optimizer, module_loss, params in [
+                    (actor_optimizer, loss, actor.parameters()),
+                    (critic_optimizer, v_loss, critic.parameters()),
+                    (q_optimizer, q_loss, q_params),
+                ]:
+                    optimizer.zero_grad()
+                    module_loss.backward()
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_mixer, mixer, args.target_tau)
+
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
+                    stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
+
+        # carry the last slot over: episodes continue across updates
+        for buffer in (obs, state, avail_actions, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
+            buffer[0] = buffer[T]
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int(global_step / (time.time() - start_time))
+        explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        for name, value in stats.items():
+            writer.add_scalar(f"charts/{name}" if name == "q_tot_mean" else f"losses/{name}", value.item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
+        writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
+        if grad_var is not None:
+            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+        if finished_returns:
+            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            writer.add_scalar("charts/win_rate", np.mean(finished_wins), global_step)  # training episodes finished
+            last_return, last_win_rate = np.mean(finished_returns), np.mean(finished_wins)
+            finished_returns, finished_lengths, finished_wins = [], [], []
+
+        # EVALUATE: greedy episodes with fresh hidden states on separate envs
+        if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
+            eval_returns, eval_wins = evaluate(actor, eval_envs, args.eval_episodes, H, device)
+            eval_win_rate = eval_wins.mean()
+            writer.add_scalar("eval/win_rate", eval_win_rate, global_step)
+            writer.add_scalar("eval/episodic_return", eval_returns.mean(), global_step)
+
+        if time.time() - last_print > 10 or update == args.num_updates:
+            last_print = time.time()
+            print(
+                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f} | "
+                f"win rate {last_win_rate:.2f} | eval win rate {eval_win_rate:.2f} | rvar {rvar_value.item():.3f}",
+                flush=True,
+            )
+
+    wall = time.time() - start_time
+    print(
+        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
+        f"env stepping took {env_time / wall:.0%} of the time"
+    )
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        checkpoint = {
+            "args": {**asdict(args), "env_backend": backend},
+            **{
+                name: net.state_dict()
+                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
+            },
+            "value_norm": value_norm.state_dict(),
+        }
+        torch.save(checkpoint, model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
+        print(f"model saved to {model_path}")
+    envs.close()
+    if eval_envs is not None:
+        eval_envs.close()
+    writer.close()
