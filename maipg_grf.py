@@ -1,0 +1,982 @@
+"""MAIPG on Google Research Football academy scenarios (the real gfootball engine).
+
+Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
+deterministic, low-variance term: the actor minimises
+
+    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)),
+
+where L_clip is MAPPO's clipped surrogate on GAE advantages, Q_tot is a factorized Q-function (per-agent Q_i mixed by
+QMIX or VDN) learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through
+Gumbel-Softmax sample). nu trades bias for variance: nu = 0 is exactly MAPPO, larger nu leans on the learned Q_tot.
+
+The agents control the left team's players (3 in 3-vs-1, 4 in the counterattacks, 10 in the corner, 2 in
+run-pass-and-shoot), see `simple115v2` observations and share one dense reward (scoring + checkpoints, summed over the
+agents, App. D). Success = the left team scored. gfootball is compiled from source: `bash scripts/install_grf.sh`.
+
+    python maipg_grf.py --scenario academy_3_vs_1_with_keeper           # the paper's GRF setting (App. D)
+    python maipg_grf.py --scenario academy_corner --nu 0 --seed 2       # MAPPO on the same code
+    python maipg_grf.py --help                                          # every flag, with its meaning
+"""
+
+import copy
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=False`"""
+    cuda: bool = False
+    """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
+    torch_threads: int = 1
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
+    machine; more helps one run with idle cores to spare"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "maipg"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, one greedy episode per evaluation is rendered off-screen to a GIF under videos/ (needs OpenGL;
+    about 6 frames/s with software rendering)"""
+    save_model: bool = False
+    """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
+    eval_only: str | None = None
+    """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
+
+    # Environment
+    scenario: str = "academy_3_vs_1_with_keeper"
+    """the GRF academy scenario (the paper's five: academy_3_vs_1_with_keeper, academy_counterattack_easy,
+    academy_counterattack_hard, academy_corner, academy_run_pass_and_shoot_with_keeper)"""
+    total_timesteps: int = 25_000_000
+    """total env steps of training (one step of one env counts once, whatever the number of agents); MAPPO trains
+    25M on 3-vs-1 and 50M on counterattack_hard and corner"""
+    num_envs: int = 50
+    """the number of parallel envs ("rollout threads", App. D: 50)"""
+    num_steps: int = 200
+    """the rollout length per env between two updates, not the episode length (App. D's "episode length 400" is the
+    scenarios' own limit: episodes end by the scenario and continue across rollouts, never cut). 200 is MAPPO's GRF
+    setting: twice the updates of 400 for the same env steps"""
+    num_workers: int = len(os.sched_getaffinity(0))
+    """the number of env processes, each stepping num_envs / num_workers envs on one core; defaults to the cores here"""
+    eval_interval: int = 40
+    """evaluate every this many updates (0: never); 40 x 50 x 200 = MAPPO's 400k env steps"""
+    eval_episodes: int = 100
+    """the number of greedy evaluation episodes (success rate over 100 episodes, as in the paper)"""
+
+    # Algorithm (MAPPO's values and the paper's App. D)
+    nu: float = 0.5
+    """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
+    mixer: str = "qmix"
+    """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
+    learning_rate: float = 5e-4
+    """the learning rate of the actor, V and Q+mixer Adam optimisers"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of GAE (advantages for L_clip)"""
+    td_lambda: float = 0.8
+    """the lambda of the TD(lambda) targets of Q_tot"""
+    clip_coef: float = 0.2
+    """the PPO clip of the ratio, also used to clip the value updates"""
+    update_epochs: int = 15
+    """the number of PPO epochs per update"""
+    num_minibatches: int = 2
+    """the number of minibatches per epoch"""
+    chunk_len: int = 10
+    """the length (steps) of the recurrent training chunks, which start from the hidden states stored in the rollout"""
+    target_tau: float = 0.01
+    """the soft-update rate of the target Q-networks and mixer, applied after every Q optimiser step"""
+    ent_coef: float = 0.01
+    """the coefficient of the entropy bonus"""
+    max_grad_norm: float = 10.0
+    """the maximum gradient norm of each of the three optimisers"""
+    huber_delta: float = 10.0
+    """the delta of the Huber value loss (on normalised values)"""
+    hidden_dim: int = 64
+    """the width of every trunk (actor, V, Q)"""
+    recurrent: bool = True
+    """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
+    log_grad_var: bool = False
+    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
+    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """env steps per update (num_envs * num_steps)"""
+    num_updates: int = 0
+    """the number of updates (total_timesteps // batch_size)"""
+
+
+def check_args(args: Args) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+
+    def fail(message: str) -> None:
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.scenario not in ACADEMY_SCENARIOS:
+        fail(f"--scenario must be one of {', '.join(ACADEMY_SCENARIOS)}, got {args.scenario!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for flag, value in [
+        ("--num-envs", args.num_envs),
+        ("--num-steps", args.num_steps),
+        ("--num-workers", args.num_workers),
+        ("--update-epochs", args.update_epochs),
+        ("--chunk-len", args.chunk_len),
+        ("--torch-threads", args.torch_threads),
+    ]:
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: gfootball academy scenarios, stepped in worker processes (the engine is single-threaded C++).
+# ---------------------------------------------------------------------------------------------------------------------
+# scenario (gfootball/scenarios/academy_*.py) -> the number of left-team players the agents control. The paper's five
+# take MAPPO's counts (3, 4, 4, 10, 2): the counterattacks field 10 outfield players, of which the agents steer 4 (the
+# engine hands its controllers to players as the play moves). The others: every outfield player. The goalkeeper is
+# always left to the built-in AI.
+ACADEMY_SCENARIOS = {
+    "academy_3_vs_1_with_keeper": 3,
+    "academy_counterattack_easy": 4,
+    "academy_counterattack_hard": 4,
+    "academy_corner": 10,
+    "academy_run_pass_and_shoot_with_keeper": 2,
+    "academy_pass_and_shoot_with_keeper": 2,
+    "academy_empty_goal_close": 1,
+    "academy_empty_goal": 1,
+    "academy_run_to_score": 1,
+    "academy_run_to_score_with_keeper": 1,
+    "academy_single_goal_versus_lazy": 10,
+}
+GRF_OBS_DIM, GRF_N_ACTIONS = 115, 19  # simple115v2 features; gfootball's default action set
+INSTALL_GRF = "run `bash scripts/install_grf.sh` (it compiles gfootball 2.10.2 and its engine, about 5 minutes)"
+RENDER_RESOLUTION = (480, 270)  # video frames; the engine's 1280 x 720 renders at under 2 frames/s without a GPU
+
+
+def make_football_env(scenario: str, seed: int):
+    """One gfootball env as the paper uses it: simple115v2 observations, dense rewards (scoring + checkpoints)."""
+    import gfootball.env as football_env
+
+    return football_env.create_environment(
+        env_name=scenario,
+        representation="simple115v2",
+        rewards="scoring,checkpoints",
+        number_of_left_players_agent_controls=ACADEMY_SCENARIOS[scenario],
+        other_config_options={
+            "game_engine_random_seed": seed,
+            "render_resolution_x": RENDER_RESOLUTION[0],
+            "render_resolution_y": RENDER_RESOLUTION[1],
+        },
+    )
+
+
+def reset_football_env(env, rng: np.random.Generator, num_agents: int) -> np.ndarray:
+    """Starts a new episode with its own engine seed -> obs [N, 115]. gfootball re-seeds its engine with the config's
+    game_engine_random_seed at every reset, so one fixed seed would replay the same episode for the same actions
+    (a greedy evaluation would see one episode 100 times): each episode draws its seed from the env's generator."""
+    env.unwrapped._config["game_engine_random_seed"] = int(rng.integers(2**31))
+    return np.reshape(env.reset(), (num_agents, GRF_OBS_DIM))
+
+
+def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
+    """The body of one env process: holds one env per seed and answers FootballEnvs' commands over pipe."""
+    main_pipe.close()  # the main process's end (copied by fork): once that process is gone, pipe.recv() raises EOFError
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process; its exit then stops this one
+    num_agents = ACADEMY_SCENARIOS[scenario]
+    envs = [make_football_env(scenario, seed) for seed in seeds]
+    rngs = [np.random.default_rng(seed) for seed in seeds]  # per-episode engine seeds, independent of --num-workers
+    scores = np.zeros(len(envs), dtype=np.float32)  # the running episode's sum of score_reward (+1 goal, -1 conceded)
+    try:
+        while True:
+            command, data = pipe.recv()
+            if command == "reset":
+                scores[:] = 0.0
+                pipe.send(np.stack([reset_football_env(env, rng, num_agents) for env, rng in zip(envs, rngs, strict=True)]))
+            elif command == "step":
+                obs = np.zeros((len(envs), num_agents, GRF_OBS_DIM), dtype=np.float32)
+                rewards = np.zeros((len(envs), num_agents), dtype=np.float32)
+                dones, ended_scores = np.zeros(len(envs), dtype=bool), np.zeros(len(envs), dtype=np.float32)
+                for i, env in enumerate(envs):
+                    env_obs, rewards[i], dones[i], info = env.step(data[i])
+                    scores[i] += info["score_reward"]
+                    if dones[i]:  # the scenario ended it: report its score and start the next episode at once
+                        ended_scores[i], scores[i] = scores[i], 0.0
+                        env_obs = reset_football_env(env, rngs[i], num_agents)
+                    obs[i] = np.reshape(env_obs, (num_agents, GRF_OBS_DIM))
+                pipe.send((obs, rewards, dones, ended_scores))
+            elif command == "render":
+                try:
+                    pipe.send(envs[0].render(mode="rgb_array"))
+                except Exception as error:  # no OpenGL here: say so instead of dying
+                    pipe.send(RuntimeError(f"gfootball could not render: {error!r}"))
+            elif command == "close":
+                break
+    except EOFError:  # the main process ended without closing the envs
+        pass
+    finally:
+        for env in envs:
+            env.close()  # otherwise gfootball prints an AttributeError from __del__ at exit
+        pipe.close()
+
+
+class FootballEnvs:
+    """num_envs gfootball envs of one scenario, split over num_workers processes that step their envs in parallel.
+
+    Env i draws the engine seed of each of its episodes from np.random.default_rng(seed + i), so runs are reproducible
+    whatever --num-workers is. An env whose episode ends (by the scenario: a goal, the ball out of play or lost, or 400
+    steps) is reset inside `step`: its returned obs is the first obs of its next episode.
+    """
+
+    def __init__(self, scenario: str, num_envs: int, num_workers: int, seed: int):
+        self.num_envs, self.num_agents = num_envs, ACADEMY_SCENARIOS[scenario]
+        self.obs_dim, self.n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
+        # fork: the workers inherit the imported engine (started before any torch work, so no thread pool is copied)
+        context = multiprocessing.get_context("fork")
+        self.env_ids = np.array_split(np.arange(num_envs), min(num_workers, num_envs))
+        self.pipes, self.processes = [], []
+        for ids in self.env_ids:
+            pipe, worker_pipe = context.Pipe()
+            process = context.Process(
+                target=football_worker, args=(worker_pipe, pipe, scenario, [seed + int(i) for i in ids]), daemon=True
+            )
+            process.start()
+            worker_pipe.close()
+            self.pipes.append(pipe)
+            self.processes.append(process)
+
+    def reset(self) -> np.ndarray:
+        """-> obs [E, N, 115]"""
+        for pipe in self.pipes:
+            pipe.send(("reset", None))
+        return np.concatenate([pipe.recv() for pipe in self.pipes])
+
+    def step(self, actions: np.ndarray) -> tuple:
+        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of the episode
+        that ended at this step: +1 the left team scored, -1 it conceded; 0 where none ended)."""
+        for pipe, ids in zip(self.pipes, self.env_ids, strict=True):
+            pipe.send(("step", actions[ids]))
+        results = [pipe.recv() for pipe in self.pipes]
+        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
+
+    def render(self) -> np.ndarray:
+        """-> the current frame of env 0 [270, 480, 3] uint8"""
+        self.pipes[0].send(("render", None))
+        frame = self.pipes[0].recv()
+        if isinstance(frame, Exception):
+            raise frame
+        return frame
+
+    def close(self):
+        for pipe in self.pipes:
+            pipe.send(("close", None))
+        for process in self.processes:
+            process.join()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (MAPPO's, SPEC section 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Trunk(nn.Module):
+    """LayerNorm(input) -> [Linear -> ReLU -> LayerNorm] x 2 -> GRU -> LayerNorm, shared design of actor, V and Q_i."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(input_dim),
+            layer_init(nn.Linear(input_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+        )
+        self.gru = nn.GRU(hidden_dim, hidden_dim) if recurrent else None
+        if recurrent:
+            for name, param in self.gru.named_parameters():
+                nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
+            self.gru_norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, x, hidden, masks):
+        """x [L, *batch, in], hidden [*batch, H] entering step 0, masks [L, *batch] (0: an episode starts at this step)
+        -> features [L, *batch, H], hidden after step L-1 [*batch, H]."""
+        x = self.mlp(x)
+        if self.gru is None:
+            return x, hidden
+        seq_len, batch, hidden_dim = x.shape[0], x.shape[1:-1], x.shape[-1]
+        x, hidden, masks = (
+            x.reshape(seq_len, -1, hidden_dim),
+            hidden.reshape(1, -1, hidden_dim),
+            masks.reshape(seq_len, 1, -1, 1),
+        )
+        if bool((masks[1:] == 1).all()):  # no episode restarts inside the window: one fused GRU call
+            x, hidden = self.gru(x, hidden * masks[0])
+        else:  # step by step, forgetting the memory where an episode restarts
+            outputs = []
+            for t in range(seq_len):
+                out, hidden = self.gru(x[t : t + 1], hidden * masks[t])
+                outputs.append(out)
+            x = torch.cat(outputs)
+        return self.gru_norm(x).reshape(seq_len, *batch, hidden_dim), hidden.reshape(*batch, hidden_dim)
+
+
+class Actor(nn.Module):
+    """pi_theta(a_i | o_i, i), shared by all agents."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
+
+    def forward(self, x, hidden, masks, avail_actions):
+        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
+
+
+class Critic(nn.Module):
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> values [L, *batch], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).squeeze(-1), hidden
+
+
+class AgentQ(nn.Module):
+    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features), hidden
+
+
+class QMixer(nn.Module):
+    """QMIX: Q_tot = ELU(q |W1(s)| + b1(s)) |W2(s)| + V(s); the absolute weights make dQ_tot/dQ_i >= 0.
+    PyTorch's default initialisation, as pymarl's mixer."""
+
+    def __init__(self, num_agents, state_dim, embed_dim=32, hypernet_dim=64):
+        super().__init__()
+        self.num_agents, self.embed_dim = num_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(
+            nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, num_agents * embed_dim)
+        )
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.state_value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, agent_qs, state):
+        """agent_qs [*batch, n_agents], state [*batch, state_dim] -> q_tot [*batch]"""
+        w1 = self.hyper_w1(state).abs().view(*state.shape[:-1], self.num_agents, self.embed_dim)
+        hidden = F.elu((agent_qs.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        w2 = self.hyper_w2(state).abs()
+        return (hidden * w2).sum(-1) + self.state_value(state).squeeze(-1)
+
+
+class VDNMixer(nn.Module):
+    """VDN: Q_tot = sum_i Q_i (the state is ignored)."""
+
+    def forward(self, agent_qs, state):
+        return agent_qs.sum(-1)
+
+
+class ValueNorm(nn.Module):
+    """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
+
+    def __init__(self, beta=0.99999, epsilon=1e-5):
+        super().__init__()
+        self.beta, self.epsilon = beta, epsilon
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_var(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+
+    def normalize(self, x):
+        mean, var = self.mean_var()
+        return (x - mean) / var.sqrt()
+
+    def denormalize(self, x):
+        mean, var = self.mean_var()
+        return x * var.sqrt() + mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The algorithm's pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+def weighted_mean(x, weights):
+    """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
+    return (x * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def weighted_var(x, weights):
+    """Variance of x over the entries where weights (0/1) is 1."""
+    return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
+
+
+def gae(rewards, values, masks, gamma, gae_lambda):
+    """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
+    (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
+    advantages = torch.zeros_like(values[:-1])
+    last_advantage = torch.zeros_like(values[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_mask = masks[t + 1].unsqueeze(-1)
+        delta = rewards[t].unsqueeze(-1) + gamma * values[t + 1] * next_mask - values[t]
+        last_advantage = delta + gamma * gae_lambda * next_mask * last_advantage
+        advantages[t] = last_advantage
+    return advantages
+
+
+def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
+    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+        G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
+    rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
+    targets = torch.zeros_like(rewards)
+    next_return = q_tot_target[-1]
+    for t in reversed(range(rewards.shape[0])):
+        next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
+        targets[t] = next_return
+    return targets
+
+
+def gumbel_straight_through(logits, tau=1.0):
+    """mu_i for discrete actions: a Gumbel-Softmax sample, one-hot in the forward pass, the softmax's gradient in the
+    backward pass. Masked logits (-1e10) keep probability 0, so an unavailable action is never picked."""
+    gumbels = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1) noise
+    soft = F.softmax((logits + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, weights, clip_coef):
+    """MAPPO's clipped surrogate L_clip (eq. (10), first term), an active-masked mean. -> (loss, approx_kl, clipfrac)"""
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+        approx_kl = weighted_mean((ratio - 1) - logratio, weights)
+        clipfrac = weighted_mean(((ratio - 1.0).abs() > clip_coef).float(), weights)
+    return -weighted_mean(surrogate, weights), approx_kl, clipfrac
+
+
+def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
+    """MAPPO's value loss in normalised units: Huber, with the update clipped around the rollout's values, max of both."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    loss = torch.max(
+        F.huber_loss(values, targets, reduction="none", delta=huber_delta),
+        F.huber_loss(values_clipped, targets, reduction="none", delta=huber_delta),
+    )
+    return weighted_mean(loss, weights)
+
+
+def dpg_loss(mu, q_values, state, mixer, weights):
+    """L_dpg = -Q_tot(s, mu(o)) (eq. (10), second term). mu [*batch, N, A] (straight-through one-hot), q_values
+    [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as constants, so the gradient
+    reaches only the actor, through mu."""
+    agent_qs = (mu * q_values.detach()).sum(-1)
+    frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
+    q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state))
+    return -weighted_mean(q_tot, weights)
+
+
+def soft_update(target, source, tau):
+    """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+            target_param.lerp_(param, tau)
+
+
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def actor_loss(logits, mb, q_values, mixer, nu, clip_coef, ent_coef):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H.
+    logits and q_values [L, B, N, A]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    pg_loss, approx_kl, clipfrac = ppo_loss(dist.log_prob(mb["actions"]), mb["logprobs"], mb["advantages"], weights, clip_coef)
+    entropy = weighted_mean(dist.entropy(), weights)
+    # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+    dpg = dpg_loss(gumbel_straight_through(logits), q_values, mb["state"], mixer, mb["valid"]) if nu > 0 else torch.zeros(())
+    loss = (1 - nu) * pg_loss + nu * dpg - ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+def one_hot_ids(num_agents, batch_shape, device):
+    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
+    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
+
+
+def actor_input(obs):
+    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
+    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+
+
+def critic_input(obs, state):
+    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
+    -> [*batch, N, S + D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+
+
+@torch.no_grad()
+def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None):
+    """Runs num_episodes greedy episodes (argmax of the logits, a fresh hidden state for each episode) on envs, each env
+    its share of them, every episode to its own end. -> episodic team returns [num_episodes], scores [num_episodes]
+    (+1: the left team scored). With a list as frames, appends env 0's frames (envs.render()) until its share is done."""
+    E, N = envs.num_envs, envs.num_agents
+    # a fixed share per env, not the first episodes to finish: those would over-count the short ones
+    left = np.array([len(share) for share in np.array_split(np.arange(num_episodes), E)])
+    obs = torch.as_tensor(envs.reset(), device=device)
+    hidden = torch.zeros(E, N, hidden_dim, device=device)
+    masks = torch.ones(1, E, N, device=device)
+    avail_actions = torch.ones(1, E, N, envs.n_actions, device=device)
+    running_returns, returns, scores = np.zeros(E), [], []
+    if frames is not None:
+        frames.append(envs.render())
+    while left.any():
+        logits, hidden = actor(actor_input(obs)[None], hidden, masks, avail_actions)
+        next_obs, rewards, dones, ended_scores = envs.step(logits[0].argmax(-1).cpu().numpy())
+        running_returns += rewards.sum(-1)
+        counted = dones & (left > 0)
+        returns += running_returns[counted].tolist()
+        scores += ended_scores[counted].tolist()
+        left -= counted
+        running_returns[dones] = 0.0
+        masks = torch.as_tensor(1.0 - dones, dtype=torch.float32, device=device).view(1, E, 1).expand(1, E, N)
+        obs = torch.as_tensor(next_obs, device=device)
+        if frames is not None and left[0] > 0:
+            frames.append(envs.render())
+    return np.array(returns), np.array(scores)
+
+
+def save_gif(frames, path):
+    imageio = require("imageio", "pip install imageio", "--capture-video")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, duration=100, loop=0)  # 10 frames/s, the rate of gfootball's own videos
+    return path
+
+
+def record_video(actor, video_envs, hidden_dim, device, path):
+    """One greedy episode rendered to a GIF; where the engine cannot render (no OpenGL), one line says so instead."""
+    frames = []
+    try:
+        evaluate(actor, video_envs, 1, hidden_dim, device, frames)
+    except (RuntimeError, EOFError, ConnectionError) as error:  # a render error, or the engine died in its process
+        print(f"--capture-video: no video, gfootball could not render on this machine (it needs OpenGL): {error}")
+        return None
+    return save_gif(frames, path)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    require("gfootball.env", INSTALL_GRF, "--scenario")  # imported once here: the env processes inherit it
+    args.batch_size = args.num_envs * args.num_steps
+    args.num_updates = args.total_timesteps // args.batch_size
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # --eval-only: load a saved model, evaluate it greedily, optionally render, and stop
+    if args.eval_only is not None:
+        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
+        envs = FootballEnvs(saved.scenario, min(args.eval_episodes, saved.num_envs), args.num_workers, args.seed)
+        video_envs = FootballEnvs(saved.scenario, 1, 1, args.seed + 200_000) if args.capture_video else None
+        actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
+        actor.load_state_dict(checkpoint["actor"])
+        returns, scores = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
+        print(
+            f"{args.eval_only}: {saved.scenario}, {len(returns)} greedy episodes, success rate {np.mean(scores > 0):.2f}, "
+            f"return {returns.mean():.2f} +- {returns.std():.2f}"
+        )
+        envs.close()
+        if video_envs is not None:
+            video = record_video(actor, video_envs, saved.hidden_dim, device, f"videos/{os.path.basename(args.eval_only)}.gif")
+            if video is not None:
+                print("video:", video)
+            video_envs.close()
+        sys.exit(0)
+
+    run_name = f"{args.scenario}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+    )
+
+    # env setup, before any torch work (the env processes are forked): the mixer state of GRF is the concatenation of
+    # all agents' observations (SPEC section 3)
+    envs = FootballEnvs(args.scenario, args.num_envs, args.num_workers, args.seed)
+    # evaluation envs of their own (about 60 MB per engine), only if there are evaluations
+    num_eval_envs = min(args.eval_episodes, args.num_envs)
+    eval_envs = (
+        FootballEnvs(args.scenario, num_eval_envs, args.num_workers, args.seed + 100_000) if args.eval_interval > 0 else None
+    )
+    video_envs = (
+        FootballEnvs(args.scenario, 1, 1, args.seed + 200_000) if args.capture_video and eval_envs is not None else None
+    )
+    E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
+    obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim
+
+    # networks and their three optimisers (SPEC section 2)
+    actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
+    critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
+    # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
+    # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
+        mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
+    target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
+    value_norm = ValueNorm().to(device)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    q_params = list(agent_q.parameters()) + list(mixer.parameters())
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+
+    # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
+    obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
+    state = torch.zeros(T + 1, E, state_dim, device=device)
+    avail_actions = torch.ones(T + 1, E, N, A, device=device)  # GRF: every action is always available
+    masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
+    active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in GRF)
+    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
+    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(T, E, N, device=device)
+    rollout_logits = torch.zeros(T, E, N, A, device=device)
+    rewards = torch.zeros(T, E, device=device)  # team reward: the sum of the agents' rewards
+    values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
+
+    # TRY NOT TO MODIFY: start the game
+    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    next_obs = torch.as_tensor(envs.reset(), device=device)
+    obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
+    episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
+    finished_returns, finished_lengths, finished_scores = [], [], []
+    last_return, last_success, eval_success = float("nan"), float("nan"), float("nan")
+    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+
+    for update in range(1, args.num_updates + 1):
+        # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
+        for step in range(T):
+            global_step += E
+            agent_masks = masks[step : step + 1].unsqueeze(-1).expand(1, E, N)  # [1, E, N]
+            with torch.no_grad():
+                # ALGO LOGIC: action logic
+                logits, actor_hidden[step + 1] = actor(
+                    actor_input(obs[step : step + 1]), actor_hidden[step], agent_masks, avail_actions[step : step + 1]
+                )
+                dist = Categorical(logits=logits[0])
+                actions[step] = dist.sample()
+                logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]
+                critic_in = critic_input(obs[step : step + 1], state[step : step + 1])
+                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
+                values[step] = values_step[0]
+                _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            env_start = time.time()
+            next_obs_np, agent_rewards, dones, scores = envs.step(actions[step].cpu().numpy())
+            env_time += time.time() - env_start
+            team_rewards = agent_rewards.sum(-1)
+            rewards[step] = torch.as_tensor(team_rewards, device=device)
+            next_obs = torch.as_tensor(next_obs_np, device=device)
+            obs[step + 1], state[step + 1] = next_obs, next_obs.reshape(E, state_dim)
+            # the scenario's 400-step limit is treated as termination, as MAPPO does: masks cut the bootstrap there
+            masks[step + 1] = torch.as_tensor(1.0 - dones, device=device)
+            episode_returns += team_rewards
+            episode_lengths += 1
+            if dones.any():
+                finished_returns += episode_returns[dones].tolist()
+                finished_lengths += episode_lengths[dones].tolist()
+                finished_scores += scores[dones].tolist()
+                episode_returns[dones], episode_lengths[dones] = 0.0, 0
+
+        # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
+        agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
+        with torch.no_grad():
+            critic_in = critic_input(obs, state)  # [T+1, E, N, S + D + N]
+            values[T] = critic(critic_in[T:], critic_hidden[T], agent_masks[T:])[0][0]
+            values_raw = value_norm.denormalize(values)
+            raw_advantages = gae(rewards, values_raw, masks, args.gamma, args.gae_lambda)  # [T, E, N]
+            returns = raw_advantages + values_raw[:T]
+            active = active_masks[:T]
+            # advantages are normalised once per rollout, over the active agents (MAPPO)
+            adv_mean, adv_std = weighted_mean(raw_advantages, active), weighted_var(raw_advantages, active).sqrt()
+            advantages = (raw_advantages - adv_mean) / (adv_std + 1e-5)
+
+            # Qhat'_t at the actions taken, and at the greedy mu(o_T) for the bootstrap at the segment end. The target
+            # network starts from the online Q's stored hidden state (stale, as MAPPO's chunk starts are).
+            target_q_values = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, A]
+            greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
+            target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
+            target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
+            q_returns = td_lambda_targets(rewards, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda)
+
+            # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
+            q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            q_tot_taken = mixer(q_values_online.gather(-1, actions.unsqueeze(-1)).squeeze(-1), state[:T])  # [T, E]
+            probs = rollout_logits.softmax(-1).reshape(-1, A)
+            sampled = torch.multinomial(probs, 8, replacement=True, generator=diagnostics_rng).T.reshape(8, T, E, N)
+            q_sampled = q_values_online.expand(8, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+            control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
+            rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+
+        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
+        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
+        def to_chunks(x, pad_value=0.0):
+            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
+            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+
+        batch = {
+            name: to_chunks(x, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
+            for name, x in {
+                "obs": obs[:T],
+                "state": state[:T],
+                "avail_actions": avail_actions[:T],
+                "masks": masks[:T],
+                "active_masks": active,
+                "actions": actions,
+                "logprobs": logprobs,
+                "advantages": advantages,
+                "returns": returns,
+                "values": values[:T],
+                "q_returns": q_returns,
+                "valid": torch.ones(T, E, device=device),
+            }.items()
+        }
+        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
+        start_hidden = {
+            name: h[chunk_starts].flatten(0, 1)
+            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
+        }
+
+        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
+        n_chunks = n_windows * E
+        stats, grad_var = {}, None
+        for _epoch in range(args.update_epochs):
+            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+                mb = {name: x[:, mb_chunks] for name, x in batch.items()}
+                mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
+                mb_critic_in = critic_input(mb["obs"], mb["state"])
+                logits = actor(actor_input(mb["obs"]), start_hidden["actor"][mb_chunks], mb_masks, mb["avail_actions"])[0]
+                q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
+                new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
+
+                loss, parts = actor_loss(logits, mb, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+                if args.log_grad_var and grad_var is None:
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, actor, args)
+                valid = mb["valid"].bool()
+                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
+                v_loss = value_loss(
+                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
+                )
+                q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
+                q_loss = weighted_mean((q_tot - mb["q_returns"]) ** 2, mb["valid"])
+
+                losses = {
+                    "policy_loss": parts["policy_loss"],
+                    "dpg_loss": parts["dpg_loss"],
+                    "value_loss": v_loss,
+                    "q_loss": q_loss,
+                }
+                if not torch.isfinite(torch.stack(list(losses.values()))).all():
+                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+                    sys.exit(
+                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
+                    )
+
+                for optimizer, module_loss, params in [
+                    (actor_optimizer, loss, actor.parameters()),
+                    (critic_optimizer, v_loss, critic.parameters()),
+                    (q_optimizer, q_loss, q_params),
+                ]:
+                    optimizer.zero_grad()
+                    module_loss.backward()
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_mixer, mixer, args.target_tau)
+
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
+                    stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
+
+        # carry the last slot over: episodes continue across updates
+        for buffer in (obs, state, avail_actions, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
+            buffer[0] = buffer[T]
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int(global_step / (time.time() - start_time))
+        explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        for name, value in stats.items():
+            writer.add_scalar(f"charts/{name}" if name == "q_tot_mean" else f"losses/{name}", value.item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
+        writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
+        if grad_var is not None:
+            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+        if finished_returns:
+            last_return, last_success = np.mean(finished_returns), np.mean(np.array(finished_scores) > 0)
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+            writer.add_scalar("charts/success_rate", last_success, global_step)  # the left team scored
+            writer.add_scalar("charts/goals", np.mean(finished_scores), global_step)  # goal difference per episode
+            finished_returns, finished_lengths, finished_scores = [], [], []
+
+        # EVALUATE: greedy episodes with fresh hidden states on separate envs
+        if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
+            eval_returns, eval_scores = evaluate(actor, eval_envs, args.eval_episodes, H, device)
+            eval_success = np.mean(eval_scores > 0)
+            writer.add_scalar("eval/episodic_return", eval_returns.mean(), global_step)
+            writer.add_scalar("eval/success_rate", eval_success, global_step)
+            if (
+                video_envs is not None
+                and record_video(actor, video_envs, H, device, f"videos/{run_name}/update_{update}.gif") is None
+            ):
+                video_envs.close()  # it cannot render here: no more attempts
+                video_envs = None
+
+        if time.time() - last_print > 10 or update == args.num_updates:
+            last_print = time.time()
+            print(
+                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
+                f"return {last_return:.2f} | success {last_success:.2f} | eval success {eval_success:.2f} | "
+                f"rvar {rvar_value.item():.3f}",
+                flush=True,
+            )
+
+    wall = time.time() - start_time
+    print(
+        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
+        f"env stepping took {env_time / wall:.0%} of the time"
+    )
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        checkpoint = {
+            "args": asdict(args),
+            **{
+                name: net.state_dict()
+                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
+            },
+            "value_norm": value_norm.state_dict(),
+        }
+        torch.save(checkpoint, model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
+        print(f"model saved to {model_path}")
+    envs.close()
+    if eval_envs is not None:
+        eval_envs.close()
+    if video_envs is not None:
+        video_envs.close()
+    writer.close()
