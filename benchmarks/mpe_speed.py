@@ -1,10 +1,10 @@
 """Speed of maipg_mpe.py's two env backends, on this machine, in one run:
 
 (a) env-only throughput (env steps/s, random actions) of the NumPy port and of mpe2, 128 envs x 5 agents, per task;
-(b) full training SPS of the default spread setting (128 envs x 25 steps, 10 epochs) on each backend;
-and their ratios.
+(b) full training SPS of the default spread setting (128 envs x 25 steps, 10 epochs) on each backend, with 1 torch
+thread (the default) and with 2; and their ratios.
 
-    python benchmarks/mpe_speed.py                 # about 3 minutes on 2 cores
+    python benchmarks/mpe_speed.py                 # about 2 minutes on 2 cores
     python benchmarks/mpe_speed.py --updates 2     # shorter training runs
 """
 
@@ -35,8 +35,9 @@ def env_steps_per_second(make, num_envs, seconds):
     return rate
 
 
-def training_sps(backend, updates):
+def training_sps(backend, threads, updates):
     command = [sys.executable, os.path.join(ROOT, "maipg_mpe.py"), "--task", "spread", "--env-backend", backend]
+    command += ["--torch-threads", str(threads)]
     command += ["--total-timesteps", str(updates * 128 * 25), "--eval-interval", "0"]
     out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=os.path.join(ROOT, "benchmarks")).stdout
     return int(re.search(r"done: .* (\d+) SPS", out).group(1)), float(re.search(r"env stepping took (\d+)%", out).group(1))
@@ -62,9 +63,10 @@ if __name__ == "__main__":
         print(f"| {task} | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.0f}x |", flush=True)
 
     print(f"\n(b) training, default spread setting (128 envs x 25 steps, 10 epochs), {args.updates} updates, SPS")
-    print("| backend | SPS | env share of wall time |\n|---|---|---|")
-    results = {}
-    for backend in ("numpy", "mpe2"):
-        results[backend] = training_sps(backend, args.updates)
-        print(f"| {backend} | {results[backend][0]} | {results[backend][1]:.0f}% |", flush=True)
-    print(f"\ntraining speed-up of the port: {results['numpy'][0] / results['mpe2'][0]:.1f}x")
+    print("| torch threads | numpy port SPS (env share) | mpe2 SPS (env share) | ratio |\n|---|---|---|---|")
+    for threads in (1, 2):
+        (port_sps, port_env), (mpe2_sps, mpe2_env) = [training_sps(b, threads, args.updates) for b in ("numpy", "mpe2")]
+        print(
+            f"| {threads} | {port_sps} ({port_env:.0f}%) | {mpe2_sps} ({mpe2_env:.0f}%) | {port_sps / mpe2_sps:.1f}x |",
+            flush=True,
+        )
