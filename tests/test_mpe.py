@@ -111,7 +111,7 @@ def test_nu_zero_is_mappo(tmp_path):
     ],
 )
 def test_bad_input_is_one_line(flags, message, capsys):
-    args = maipg_mpe.Args(**maipg_mpe.tyro.cli(maipg_mpe.Args, args=flags).__dict__)
+    args = maipg_mpe.tyro.cli(maipg_mpe.Args, args=flags)
     with pytest.raises(SystemExit) as exit_info:
         maipg_mpe.check_args(args)
     assert exit_info.value.code == 2
