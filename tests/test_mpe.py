@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import imageio
 import pytest
 import torch
 
@@ -69,8 +70,11 @@ def test_save_model_then_eval_only(tmp_path):
     assert {"args", "actor", "critic", "agent_q", "mixer", "value_norm"} <= set(checkpoint)
     assert checkpoint["value_norm"]["debiasing_term"] > 0  # the normaliser's state travels with the model
     assert not glob.glob(os.path.join(tmp_path, "runs", "*", "*.tmp"))
-    result = run(["--eval-only", path, "--eval-episodes", "3"], tmp_path)
+    result = run(["--eval-only", path, "--eval-episodes", "3", "--capture-video"], tmp_path)
     assert "3 greedy episodes" in result.stdout and "line" in result.stdout
+    (gif,) = glob.glob(os.path.join(tmp_path, "videos", "*.gif"))  # rendered by mpe2, a frame per step of the episode
+    frames = imageio.mimread(gif)  # (the GIF writer may merge identical consecutive frames)
+    assert len(frames) >= 20 and frames[0].shape == (700, 700, 3)
 
 
 def test_nu_zero_is_mappo(tmp_path):
