@@ -907,6 +907,8 @@ if __name__ == "__main__":
                 logits, actor_hidden[step + 1] = actor(
                     actor_input(obs[step : step + 1]), actor_hidden[step], agent_masks, avail_actions[step : step + 1]
                 )
+                if not torch.isfinite(logits).all():  # the last minibatch of the previous update diverged
+                    sys.exit(f"update {update}: the actor's logits are not finite; stopping (try a smaller --learning-rate)")
                 dist = Categorical(logits=logits[0])
                 actions[step] = dist.sample()
                 logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]

@@ -144,6 +144,14 @@ def test_nan_loss_stops_with_the_update_number(tmp_path):
     assert "update 1: losses/" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_diverged_last_minibatch_stops_at_the_next_rollout(tmp_path):
+    """No loss follows an update's last minibatch: parameters it breaks are caught by the next rollout's logits check."""
+    flags = ["--num-envs", "3", "--num-steps", "25", "--total-timesteps", "150", "--update-epochs", "1"]
+    result = run([*flags, "--num-minibatches", "1", "--learning-rate", "1e30"], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "update 2: the actor's logits are not finite" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_learning_improves_the_greedy_return(tmp_path):
     """Spread with 2 agents, 32 envs, 50 updates (~30 s): the greedy return of the last three evaluations must beat
     that of the first two by a clear margin. Measured on seeds 1, 2, 3: margins 21, 11 and 18 (returns from about
