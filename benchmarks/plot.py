@@ -194,7 +194,7 @@ if __name__ == "__main__":
                     continue
                 grid, values = align(curves, args.smooth)
                 mean, std = values.mean(0), values.std(0)
-                axes.plot(grid, mean, label=f"{label} ({len(curves)} seeds)")
+                axes.plot(grid, mean, label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
                 axes.fill_between(grid, mean - std, mean + std, alpha=0.2)
                 finals = final_values(curves, args.last)
                 last_step = min(int(steps[-1]) for steps, _ in curves)
