@@ -754,6 +754,8 @@ if __name__ == "__main__":
                 )
                 rollout_means[step] = mean[0]
                 actions[step] = (mean[0] + actor.log_std.exp() * torch.randn_like(mean[0])) * act_mask
+                if not torch.isfinite(actions[step]).all():  # the last minibatch of the previous update diverged
+                    sys.exit(f"update {update}: the actor's actions are not finite; stopping (try a smaller --learning-rate)")
                 logprobs[step] = gaussian_log_prob_entropy(mean[0], actor.log_std, actions[step], act_mask)[0]
                 critic_in = critic_input(obs[step : step + 1], state[step : step + 1])
                 values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)

@@ -243,3 +243,8 @@ def test_bad_input_and_nan_stop_from_the_command_line(tmp_path):
     result = run(["--learning-rate", "1e30", *TINY, "--update-epochs", "2"], tmp_path, check=False)
     assert result.returncode != 0
     assert "update 1: losses/" in result.stderr and "Traceback" not in result.stderr
+    # no loss follows an update's last minibatch: parameters it breaks are caught by the next rollout's actions check
+    flags = [*TINY, "--total-timesteps", "128", "--update-epochs", "1", "--num-minibatches", "1"]
+    result = run(["--learning-rate", "1e30", *flags], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "update 2: the actor's actions are not finite" in result.stderr and "Traceback" not in result.stderr
