@@ -11,7 +11,8 @@ settings but the seed are one group. Curves are labelled by the settings that di
 
 Writes, into --out (default FOLDER/plots):
 - {env}__{metric}.png: per group, the mean across seeds and a band of one standard deviation, x = env steps; seeds
-  logged at different steps are linearly interpolated onto the steps where all of them have data;
+  logged at different steps are linearly interpolated onto the steps where all of them have data (--log-y: on a
+  logarithmic y axis, where a band reaching below 0 is clipped);
 - results.md: per metric, one row per (env, group): the final value of each seed (the mean of its last --last logged
   values, i.e. its last 10 evaluations for eval/*), then the mean and standard deviation of those across seeds.
 """
@@ -168,6 +169,8 @@ if __name__ == "__main__":
         "--last", type=int, default=10, help="the final value of a seed is the mean of its last this many values"
     )
     parser.add_argument("--smooth", type=int, default=1, help="moving average over this many logged values before plotting")
+    log_help = "draw these metrics on a logarithmic y axis (e.g. diagnostics/rvar, whose early values dwarf the rest)"
+    parser.add_argument("--log-y", nargs="+", default=[], metavar="METRIC", help=log_help)
     parser.add_argument("--include-unfinished", action="store_true", help="also take runs without sweep.py's `done` marker")
     args = parser.parse_args()
     if not os.path.isdir(args.folder):
@@ -175,6 +178,9 @@ if __name__ == "__main__":
     if args.last < 1 or args.smooth < 1:
         fail("--last and --smooth must be at least 1")
     metrics = args.metrics or DEFAULT_METRICS
+    unplotted = sorted(set(args.log_y) - set(metrics))
+    if unplotted:
+        fail(f"--log-y: {' '.join(unplotted)} not among the plotted metrics ({' '.join(metrics)})")
     out = args.out or os.path.join(args.folder, "plots")
 
     groups = group_runs(args.folder, metrics, args.include_unfinished)
@@ -201,6 +207,8 @@ if __name__ == "__main__":
                 tables[metric].append((env, label, len(curves), last_step, finals.mean(), finals.std()))
             if axes.lines:
                 axes.set(title=f"{env}: {metric}", xlabel="env steps", ylabel=metric)
+                if metric in args.log_y:
+                    axes.set_yscale("log")
                 axes.grid(alpha=0.3)
                 axes.legend()
                 figure.tight_layout()

@@ -193,3 +193,19 @@ def test_plot_groups_seeds_aligns_steps_and_tabulates_final_values(tmp_path):
     assert grid[0] == 110 and grid[-1] == 2000 and len(grid) == 38
     np.testing.assert_allclose(values[0], grid / 100.0)
     np.testing.assert_allclose(values[1], 1.0)
+
+
+def test_plot_log_y_changes_only_its_metrics_and_rejects_unplotted_ones(tmp_path):
+    for seed in (1, 2):
+        write_run(str(tmp_path / "runs" / f"nu0__seed{seed}"), "spread", "0", seed, range(100, 1100, 100))
+    linear, logarithmic = tmp_path / "linear", tmp_path / "log"
+    assert run(PLOT, [str(tmp_path / "runs"), "--out", str(linear)]).returncode == 0
+    result = run(PLOT, [str(tmp_path / "runs"), "--out", str(logarithmic), "--log-y", "diagnostics/rvar"])
+    assert result.returncode == 0, result.stderr
+    rvar, returns = "spread__diagnostics_rvar.png", "spread__eval_episodic_return.png"
+    assert (linear / rvar).read_bytes() != (logarithmic / rvar).read_bytes()
+    assert (linear / returns).read_bytes() == (logarithmic / returns).read_bytes()  # the same figure, byte for byte
+
+    result = run(PLOT, [str(tmp_path / "runs"), "--metrics", "eval/episodic_return", "--log-y", "diagnostics/rvar"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--log-y: diagnostics/rvar not among the plotted metrics" in result.stderr, result.stderr
