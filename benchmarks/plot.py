@@ -27,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 DEFAULT_METRICS = [
@@ -209,6 +210,9 @@ if __name__ == "__main__":
                 axes.set(title=f"{env}: {metric}", xlabel="env steps", ylabel=metric)
                 if metric in args.log_y:
                     axes.set_yscale("log")
+                    # plain tick labels ("1.01", not "1.01 x 10^0"): RVar often spans less than a decade
+                    axes.yaxis.set_major_formatter(LogFormatter())
+                    axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
                 axes.grid(alpha=0.3)
                 axes.legend()
                 figure.tight_layout()
