@@ -472,15 +472,21 @@ def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
     return targets
 
 
-def time_limit_gae(rewards, values, masks, final_values, gamma, gae_lambda):
-    """The shared gae, except that a time-limit end bootstraps from the final observation instead of counting as
-    death (HARL does so on MuJoCo). final_values [T, E, N]: the denormalised V(o_final) where the episode was truncated
-    at step t, 0 elsewhere (and where it terminated). It enters as r_t + gamma * V(o_final); masks[t+1] = 0 there stops
-    the recursion. One gae call per agent, as each agent's V differs. -> advantages [T, E, N]"""
-    per_agent = [
-        gae(rewards + gamma * final_values[..., i], values[..., i : i + 1], masks, gamma, gae_lambda)
-        for i in range(values.shape[-1])
-    ]
+def time_limit_rewards(rewards, final_values, time_limits, gamma):
+    """The rewards of GAE and TD(lambda): r_t + gamma * final_t where the episode hit the time limit at step t
+    (time_limits = 1; a time-limit end is not death, HARL bootstraps it on MuJoCo, and masks[t+1] = 0 stops the
+    recursion there), r_t elsewhere: where it terminated, and where it ran on (the rollout fills final_t for all envs).
+    rewards and time_limits [T, E], final_values [T, E, *]: V(o_final) per agent or Qhat'_tot(s_final, mu(o_final))"""
+    extra_dims = (1,) * (final_values.dim() - rewards.dim())
+    rewards, time_limits = rewards.view(*rewards.shape, *extra_dims), time_limits.view(*time_limits.shape, *extra_dims)
+    return torch.where(time_limits.bool(), rewards + gamma * final_values, rewards)
+
+
+def time_limit_gae(rewards, values, masks, final_values, time_limits, gamma, gae_lambda):
+    """The shared gae on time_limit_rewards, one call per agent as each agent's V(o_final) differs. rewards [T, E],
+    values [T+1, E, N] and final_values [T, E, N] (denormalised), masks [T+1, E], time_limits [T, E] -> [T, E, N]"""
+    bootstrapped = time_limit_rewards(rewards, final_values, time_limits, gamma)  # [T, E, N]
+    per_agent = [gae(bootstrapped[..., i], values[..., i : i + 1], masks, gamma, gae_lambda) for i in range(values.shape[-1])]
     return torch.cat(per_agent, -1)
 
 
@@ -729,8 +735,10 @@ if __name__ == "__main__":
     rewards = torch.zeros(T, E, device=device)  # the team reward
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
     time_limits = torch.zeros(T, E, device=device)  # 1 where the episode hit the time limit at step t (not terminated)
-    final_values = torch.zeros(T, E, N, device=device)  # there: V(o_final) in normalised units
-    final_q_tot = torch.zeros(T, E, device=device)  # there: Qhat'(s_final, mu(o_final)) in raw reward units
+    # V(o_final) in normalised units and Qhat'(s_final, mu(o_final)) in raw reward units, filled for every env at a step
+    # where any env hit the time limit: time_limit_rewards keeps them only where time_limits is 1
+    final_values = torch.zeros(T, E, N, device=device)
+    final_q_tot = torch.zeros(T, E, device=device)
 
     # TRY NOT TO MODIFY: start the game
     global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
@@ -799,8 +807,10 @@ if __name__ == "__main__":
             critic_in = critic_input(obs, state)  # [T+1, E, N, S + D + N]
             values[T] = critic(critic_in[T:], critic_hidden[T], agent_masks[T:])[0][0]
             values_raw = value_norm.denormalize(values)
-            final_values_raw = value_norm.denormalize(final_values) * time_limits.unsqueeze(-1)
-            raw_advantages = time_limit_gae(rewards, values_raw, masks, final_values_raw, args.gamma, args.gae_lambda)
+            final_values_raw = value_norm.denormalize(final_values)
+            raw_advantages = time_limit_gae(
+                rewards, values_raw, masks, final_values_raw, time_limits, args.gamma, args.gae_lambda
+            )
             returns = raw_advantages + values_raw[:T]
             active = active_masks[:T]
             # advantages are normalised once per rollout, over the active agents (MAPPO)
@@ -812,10 +822,8 @@ if __name__ == "__main__":
             target_features = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, H]
             mu_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], act_mask)[0][0]  # [E, N, A]
             target_agent_qs = target_agent_q.q(target_features, torch.cat([actions, mu_last[None]]))  # [T+1, E, N]
-            # a time-limit end at step t adds gamma * Qhat'(s_final, mu(o_final)) to r_t; masks[t+1] = 0 does the rest
-            q_returns = td_lambda_targets(
-                rewards + args.gamma * final_q_tot, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda
-            )
+            q_rewards = time_limit_rewards(rewards, final_q_tot, time_limits, args.gamma)  # [T, E]
+            q_returns = td_lambda_targets(q_rewards, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda)
 
             # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
             q_features = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, H]

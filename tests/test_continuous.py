@@ -171,15 +171,40 @@ def test_truncation_bootstraps_termination_does_not():
     # Qhat'(s_final, mu(o_final)) = 20, env 1 by termination (no bootstrap). gamma = lambda = 0.5, V = 0, r = 1.
     rewards, masks = torch.ones(2, 2), torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     values = torch.zeros(3, 2, 1)
-    final_values = torch.tensor([[[0.0], [0.0]], [[10.0], [0.0]]])  # [T, E, N]: only the truncated step of env 0
-    advantages = mc.time_limit_gae(rewards, values, masks, final_values, 0.5, 0.5)[..., 0]
+    time_limits = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    final_values = torch.tensor([[[0.0], [0.0]], [[10.0], [3.0]]])  # [T, E, N]: env 1's V(o_final) must not count
+    advantages = mc.time_limit_gae(rewards, values, masks, final_values, time_limits, 0.5, 0.5)[..., 0]
     #   env 0: A_1 = 1 + 0.5 * 10 = 6, A_0 = 1 + 0.5 * 0.5 * 6 = 2.5;   env 1: A_1 = 1, A_0 = 1 + 0.25 * 1 = 1.25
     np.testing.assert_allclose(advantages.numpy(), [[2.5, 1.25], [6.0, 1.0]])
-    final_q_tot = torch.tensor([[0.0, 0.0], [20.0, 0.0]])
+    final_q_tot = torch.tensor([[0.0, 0.0], [20.0, 7.0]])
     q_tot_target = torch.full((3, 2), 4.0)
-    targets = mc.td_lambda_targets(rewards + 0.5 * final_q_tot, q_tot_target, masks, 0.5, 0.5)
+    q_rewards = mc.time_limit_rewards(rewards, final_q_tot, time_limits, 0.5)
+    targets = mc.td_lambda_targets(q_rewards, q_tot_target, masks, 0.5, 0.5)
     #   env 0: G_1 = 1 + 0.5 * 20 = 11, G_0 = 1 + 0.5 * (0.5 * 11 + 0.5 * 4) = 4.75;   env 1: G_1 = 1, G_0 = 2.25
     np.testing.assert_allclose(targets.numpy(), [[4.75, 2.25], [11.0, 1.0]])
+
+
+def test_time_limit_bootstraps_only_the_envs_that_hit_it():
+    # The rollout fills final_* for every env at a step where any env hit the time limit (issue 14). Env 0 hits it at
+    # t = 0 while env 1 falls (terminates) at that step and hits it at t = 2; env 2 runs on. Only (t=0, env 0) and
+    # (t=2, env 1) bootstrap: the old r + gamma * final_q_tot added the filler to all three envs at t = 0 and t = 2.
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])  # [T, E]
+    time_limits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    masks = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # [T+1, E]
+    final_q_tot = torch.tensor([[10.0, 20.0, 30.0], [0.0, 0.0, 0.0], [40.0, 50.0, 60.0]])
+    q_rewards = mc.time_limit_rewards(rewards, final_q_tot, time_limits, 0.5)
+    np.testing.assert_array_equal(q_rewards.numpy(), [[6.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 33.0, 9.0]])
+    # V's bootstrap [T, E, N] the same way, per agent: the filler never reaches the advantages
+    final_values = torch.stack([final_q_tot, -final_q_tot], -1)
+    np.testing.assert_array_equal(
+        mc.time_limit_rewards(rewards, final_values, time_limits, 0.5)[..., 1].numpy(),
+        [[-4.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, -17.0, 9.0]],
+    )
+    values = torch.randn(4, 3, 2)
+    advantages = mc.time_limit_gae(rewards, values, masks, final_values, time_limits, 0.5, 0.5)
+    torch.testing.assert_close(
+        advantages, mc.time_limit_gae(rewards, values, masks, final_values * time_limits[..., None], time_limits, 0.5, 0.5)
+    )
 
 
 def test_time_limit_gae_without_time_limits_is_the_shared_gae():
@@ -187,7 +212,7 @@ def test_time_limit_gae_without_time_limits_is_the_shared_gae():
     T, E, N = 11, 3, 2
     rewards, values = torch.randn(T, E), torch.randn(T + 1, E, N)
     masks = (torch.rand(T + 1, E) > 0.2).float()
-    got = mc.time_limit_gae(rewards, values, masks, torch.zeros(T, E, N), 0.99, 0.95)
+    got = mc.time_limit_gae(rewards, values, masks, torch.randn(T, E, N), torch.zeros(T, E), 0.99, 0.95)
     torch.testing.assert_close(got, mc.gae(rewards, values, masks, 0.99, 0.95))
 
 
