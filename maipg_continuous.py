@@ -246,7 +246,7 @@ class MaMuJoCoEnvs:
     def step(self, actions):
         """actions [envs, agents, act_dim] (unclipped) -> obs, state, rewards [envs], terminated [envs], truncated [envs],
         final_obs, final_state (where an episode ended: what it ended in; elsewhere zeros)."""
-        actions = np.clip(actions, self.act_low, self.act_high)  # clipped only here, on the way to the env
+        actions = np.clip(actions, self.act_low, self.act_high)  # on the way to the env; Q_i clips alike (AgentQ)
         obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
         state = np.zeros((self.num_envs, self.state_dim), dtype=np.float32)
         final_obs, final_state = np.zeros_like(obs), np.zeros_like(state)
@@ -357,22 +357,30 @@ class Critic(nn.Module):
 
 class AgentQ(nn.Module):
     """Q_psi_i(s, a_i): the critic's trunk (App. D), with the action joining after the GRU. The recurrence never sees
-    actions, so one trunk pass serves Q_i at the actions taken, at mu(o) and at sampled actions."""
+    actions, so one trunk pass serves Q_i at the actions taken, at mu(o) and at sampled actions. Q_i sees the action the
+    env executes, clipped to its bounds act_low, act_high [N, act_dim] (0 on padded dimensions): the Gaussian's samples
+    and mean are unbounded, and a Q of unclipped actions would value, and L_dpg push along, moves the env never makes."""
 
-    def __init__(self, input_dim, act_dim, hidden_dim, recurrent):
+    def __init__(self, input_dim, act_dim, hidden_dim, recurrent, act_low, act_high):
         super().__init__()
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
         self.head = nn.Sequential(
             layer_init(nn.Linear(hidden_dim + act_dim, hidden_dim)), nn.ReLU(), layer_init(nn.Linear(hidden_dim, 1), std=1.0)
         )
+        self.register_buffer("act_low", torch.as_tensor(act_low), persistent=False)  # from the env, not learned or saved
+        self.register_buffer("act_high", torch.as_tensor(act_high), persistent=False)
 
     def forward(self, x, hidden, masks):
         """-> features [L, *batch, H] (the trunk's part of Q_i), hidden [*batch, H]"""
         return self.trunk(x, hidden, masks)
 
+    def executed(self, actions):
+        """actions [*batch, N, act_dim] -> what the env executes: clip(a), whose gradient is 0 outside the bounds"""
+        return torch.clamp(actions, self.act_low, self.act_high)
+
     def q(self, features, actions):
-        """features [*batch, H], actions [*batch, act_dim] -> Q_i(s, a_i) [*batch]"""
-        return self.head(torch.cat([features, actions], -1)).squeeze(-1)
+        """features [*batch, N, H], actions [*batch, N, act_dim] (unclipped) -> Q_i(s, clip(a_i)) [*batch, N]"""
+        return self.head(torch.cat([features, self.executed(actions)], -1)).squeeze(-1)
 
 
 class QMixer(nn.Module):
@@ -519,11 +527,13 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
 
 
 def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights):
-    """L_dpg = -Q_tot(s, mu(o)) (eq. (10), second term) with mu = the Gaussian mean [*batch, N, act_dim]. q_features
-    [*batch, N, H] (AgentQ's trunk), state [*batch, S], weights [*batch]. The Q-network and mixer enter as constants, so
-    the gradient reaches only the actor, through mu (its mean head and trunk; not the log-std)."""
+    """L_dpg = -Q_tot(s, clip(mu(o))) (eq. (10), second term) with mu = the Gaussian mean [*batch, N, act_dim], clipped
+    as the env clips it (no gradient along a dimension beyond its bound). q_features [*batch, N, H] (AgentQ's trunk),
+    state [*batch, S], weights [*batch]. The Q-network and mixer enter as constants, so the gradient reaches only the
+    actor, through mu (its mean head and trunk; not the log-std)."""
     frozen_head = {name: param.detach() for name, param in agent_q.head.named_parameters()}
-    agent_qs = torch.func.functional_call(agent_q.head, frozen_head, (torch.cat([q_features.detach(), mu], -1),))
+    head_input = torch.cat([q_features.detach(), agent_q.executed(mu)], -1)
+    agent_qs = torch.func.functional_call(agent_q.head, frozen_head, (head_input,))
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
     q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs.squeeze(-1), state))
     return -weighted_mean(q_tot, weights)
@@ -711,7 +721,7 @@ if __name__ == "__main__":
     # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1)
-        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
+        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent, envs.act_low, envs.act_high).to(device)
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)
@@ -729,7 +739,7 @@ if __name__ == "__main__":
     actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
     critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
     q_hidden = torch.zeros(T + 1, E, N, H, device=device)
-    actions = torch.zeros(T, E, N, A, device=device)  # unclipped, 0 on padded dimensions
+    actions = torch.zeros(T, E, N, A, device=device)  # the samples of pi, unclipped (the env and Q_i clip), 0 when padded
     logprobs = torch.zeros(T, E, N, device=device)
     rollout_means = torch.zeros(T, E, N, A, device=device)
     rewards = torch.zeros(T, E, device=device)  # the team reward

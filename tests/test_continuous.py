@@ -140,7 +140,7 @@ def test_dpg_gradient_reaches_the_mean_head_and_not_the_log_std():
     N, D, S, A, H = 2, 4, 7, 3, 16
     act_mask = torch.ones(N, A)
     actor, critic = mc.Actor(D + N, A, H, True), mc.Critic(S + D + N, H, True)
-    agent_q, mixer = mc.AgentQ(S + D + N, A, H, True), mc.QMixer(N, S)
+    agent_q, mixer = mc.AgentQ(S + D + N, A, H, True, -torch.ones(N, A), torch.ones(N, A)), mc.QMixer(N, S)
     obs, state, masks = torch.randn(5, 3, N, D), torch.randn(5, 3, S), torch.ones(5, 3, N)
     mean, _ = actor(mc.actor_input(obs), torch.zeros(3, N, H), masks, act_mask)
     critic_in = mc.critic_input(obs, state)
@@ -155,12 +155,34 @@ def test_dpg_gradient_reaches_the_mean_head_and_not_the_log_std():
 
 def test_agent_q_reuses_the_trunk_for_any_action():
     torch.manual_seed(0)
-    agent_q = mc.AgentQ(6, 2, 16, True)
+    agent_q = mc.AgentQ(6, 2, 16, True, torch.full((3, 2), -10.0), torch.full((3, 2), 10.0))  # 3 agents
     features, _ = agent_q(torch.randn(4, 3, 6), torch.zeros(3, 16), torch.ones(4, 3))
     actions = torch.randn(4, 3, 2)
     q = agent_q.q(features, actions)
     assert q.shape == (4, 3)
     assert not torch.allclose(q, agent_q.q(features, actions + 1.0))  # the action matters, after the GRU
+
+
+def test_q_sees_the_clipped_action_and_dpg_has_no_gradient_beyond_the_bound():
+    """Q_i is trained on, bootstraps from and differentiates (L_dpg) at clip(a), the action the env executes (issue 14);
+    agent 1 has bounds +-0.4 on 2 real dimensions and a padded third."""
+    torch.manual_seed(0)
+    N, S, A, H = 2, 5, 3, 16
+    act_low, act_high = torch.tensor([[-1.0, -1.0, -1.0], [-0.4, -0.4, 0.0]]), torch.tensor([[1.0, 1.0, 1.0], [0.4, 0.4, 0.0]])
+    agent_q, mixer = mc.AgentQ(S, A, H, True, act_low, act_high), mc.QMixer(N, S)
+    state = torch.randn(4, 6, S)
+    features, _ = agent_q(torch.randn(4, 6, N, S), torch.zeros(6, N, H), torch.ones(4, 6, N))  # [4, 6, N, H]
+    actions = 3 * torch.randn(4, 6, N, A) * torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]).view(N, A)
+    clipped = torch.as_tensor(np.clip(actions.numpy(), act_low.numpy(), act_high.numpy()))
+    q = agent_q.q(features, actions)
+    torch.testing.assert_close(q, agent_q.head(torch.cat([features, clipped], -1)).squeeze(-1))
+    assert not torch.allclose(q, agent_q.head(torch.cat([features, actions], -1)).squeeze(-1))  # unclipped differs
+    # mu beyond the bound on agent 0's dimensions 0 and 2 and agent 1's dimension 1: no gradient there, some elsewhere
+    mu = torch.tensor([[2.0, 0.5, -3.0], [0.1, -0.9, 0.0]]).expand(4, 6, N, A).clone().requires_grad_()
+    mc.gaussian_dpg_loss(mu, features, state, agent_q, mixer, torch.ones(4, 6)).backward()
+    beyond = torch.tensor([[True, False, True], [False, True, False]])
+    assert (mu.grad[..., beyond] == 0).all()
+    assert (mu.grad[..., 0, 1] != 0).all() and (mu.grad[..., 1, 0] != 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
