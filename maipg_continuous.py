@@ -189,7 +189,7 @@ def require(module: str, install: str, flag: str):
 # Environment: Multi-Agent MuJoCo as arrays [envs, agents, ...]
 # ---------------------------------------------------------------------------------------------------------------------
 class MaMuJoCoEnvs:
-    """`num_envs` Multi-Agent MuJoCo envs (gymnasium-robotics' mamujoco_v1, agent_obsk=1) stepped one after the other.
+    """One Multi-Agent MuJoCo env per seed (gymnasium-robotics' mamujoco_v1, agent_obsk=1), stepped one after the other.
 
     A plain loop: gymnasium's SyncVectorEnv with same-step autoreset measured 1.5x slower here (its per-step
     bookkeeping, with a MuJoCo step of ~0.1 ms), and AsyncVectorEnv slower still on 2 cores. Agents' observations are
@@ -199,7 +199,7 @@ class MaMuJoCoEnvs:
     the observation and state it ended in come back as final_obs and final_state, for the time-limit bootstrap.
     """
 
-    def __init__(self, scenario, agent_conf, num_envs, seed, max_episode_steps, render_mode=None):
+    def __init__(self, scenario, agent_conf, seeds, max_episode_steps, render_mode=None):
         mamujoco_v1 = require(
             "gymnasium_robotics", "pip install gymnasium-robotics==1.4.2 mujoco==4.0.0", "Multi-Agent MuJoCo"
         ).mamujoco_v1
@@ -213,11 +213,11 @@ class MaMuJoCoEnvs:
                 width=240,  # the size of rendered frames (--capture-video)
                 height=240,
             )
-            for _ in range(num_envs)
+            for _ in seeds
         ]
         env = self.envs[0]
         self.agents = env.possible_agents
-        self.num_envs, self.num_agents, self.seed, self.seeded = num_envs, len(self.agents), seed, False
+        self.num_envs, self.num_agents, self.reset_seeds = len(seeds), len(self.agents), list(seeds)
         self.obs_dims = [env.observation_space(agent).shape[0] for agent in self.agents]
         self.act_dims = [env.action_space(agent).shape[0] for agent in self.agents]
         self.obs_dim, self.act_dim, self.state_dim = max(self.obs_dims), max(self.act_dims), env.state().shape[0]
@@ -237,9 +237,9 @@ class MaMuJoCoEnvs:
         return padded
 
     def reset(self):
-        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. The first reset seeds env e with seed + e."""
-        seeds = [self.seed + e if not self.seeded else None for e in range(self.num_envs)]
-        self.seeded = True
+        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. The first reset seeds env e with seeds[e]; later
+        ones continue its random stream."""
+        seeds, self.reset_seeds = self.reset_seeds, [None] * self.num_envs
         obs = np.stack([self._pad(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
         return obs, np.stack([env.state() for env in self.envs]).astype(np.float32)
 
@@ -624,15 +624,25 @@ def evaluate(actor, envs, hidden_dim, device, frames=None, frame_every=1):
     return returns
 
 
-def make_envs(args, num_envs, seed, render_mode=None):
-    return MaMuJoCoEnvs(args.env, args.agent_conf, num_envs, seed, args.max_episode_steps, render_mode)
+def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
+    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
+    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
+    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
+    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
+    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
+def make_envs(args, seeds, render_mode=None):
+    """One env per seed (see env_seeds)."""
+    return MaMuJoCoEnvs(args.env, args.agent_conf, seeds, args.max_episode_steps, render_mode)
 
 
 def capture_video(actor, args, seed, hidden_dim, device, path):
-    """Renders one episode with mu to a GIF at path. Where MuJoCo finds no headless OpenGL backend, says so in one
-    line instead. -> path, or None"""
+    """Renders one episode with mu to a GIF at path, on the env of seed's video stream: the same episode at every
+    evaluation, so that videos compare. Where MuJoCo finds no headless OpenGL backend, says so in one line instead.
+    -> path, or None"""
     imageio = require("imageio", "pip install imageio", "--capture-video")
-    envs = make_envs(args, 1, seed, render_mode="rgb_array")
+    envs = make_envs(args, env_seeds(seed, "video", 1), render_mode="rgb_array")
     frame_every = max(1, round(0.1 / envs.dt))  # 10 frames per simulated second: a software-rendered frame takes ~60 ms
     try:
         envs.reset()
@@ -673,7 +683,7 @@ if __name__ == "__main__":
     if args.eval_only is not None:
         checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes})
-        envs = make_envs(saved, args.eval_episodes, args.seed)
+        envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
         actor = Actor(envs.obs_dim + envs.num_agents, envs.act_dim, saved.hidden_dim, saved.recurrent).to(device)
         actor.load_state_dict(checkpoint["actor"])
         returns = evaluate(actor, envs, saved.hidden_dim, device)
@@ -708,8 +718,8 @@ if __name__ == "__main__":
     )
 
     # env setup: the mixer state is the env's global state, MaMuJoCo's state() (SPEC section 3)
-    envs = make_envs(args, args.num_envs, args.seed)
-    eval_envs = make_envs(args, args.eval_episodes, args.seed + 100_000)
+    envs = make_envs(args, env_seeds(args.seed, "train", args.num_envs))
+    eval_envs = make_envs(args, env_seeds(args.seed, "eval", args.eval_episodes))
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.act_dim, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, envs.state_dim
     act_mask = torch.as_tensor(envs.act_mask, device=device)  # [N, A]: 1 on each agent's real action dimensions
@@ -951,7 +961,7 @@ if __name__ == "__main__":
             eval_return = evaluate(actor, eval_envs, H, device).mean()
             writer.add_scalar("eval/episodic_return", eval_return, global_step)
             if args.capture_video:
-                video = capture_video(actor, args, args.seed + update, H, device, f"videos/{run_name}/update_{update}.gif")
+                video = capture_video(actor, args, args.seed, H, device, f"videos/{run_name}/update_{update}.gif")
                 args.capture_video = video is not None  # without OpenGL, say so once, not at every evaluation
 
         if time.time() - last_print > 10 or update == args.num_updates:

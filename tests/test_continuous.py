@@ -69,7 +69,7 @@ def test_video_or_one_line_without_opengl(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_padded_action_dimensions_never_reach_the_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MuJoCo writes MUJOCO_LOG.TXT into the working directory
-    envs = mc.MaMuJoCoEnvs("Humanoid", "9|8", 2, seed=0, max_episode_steps=1000)
+    envs = mc.MaMuJoCoEnvs("Humanoid", "9|8", [0, 1], max_episode_steps=1000)
     assert envs.act_dims == [9, 8] and envs.act_mask.tolist()[1] == [1.0] * 8 + [0.0]
     assert envs.obs_dims == [242, 170] and envs.obs_dim == 242
     envs.reset()
@@ -90,8 +90,8 @@ def test_padded_action_dimensions_never_reach_the_env(tmp_path, monkeypatch):
 
 def test_time_limit_is_truncation_with_the_final_observation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    envs = mc.MaMuJoCoEnvs("HalfCheetah", "2x3", 2, seed=0, max_episode_steps=5)
-    longer = mc.MaMuJoCoEnvs("HalfCheetah", "2x3", 2, seed=0, max_episode_steps=6)  # the same episodes, one step longer
+    envs = mc.MaMuJoCoEnvs("HalfCheetah", "2x3", [0, 1], max_episode_steps=5)
+    longer = mc.MaMuJoCoEnvs("HalfCheetah", "2x3", [0, 1], max_episode_steps=6)  # the same episodes, one step longer
     envs.reset(), longer.reset()
     zero = np.zeros((2, 2, 3), dtype=np.float32)
     for _ in range(4):
@@ -104,7 +104,7 @@ def test_time_limit_is_truncation_with_the_final_observation(tmp_path, monkeypat
     np.testing.assert_array_equal(final_obs, obs_5)  # what the episode ended in...
     np.testing.assert_array_equal(final_state, state_5)
     assert not np.allclose(obs, obs_5)  # ...while obs already starts the next episode
-    hopper = mc.MaMuJoCoEnvs("Hopper", "3x1", 1, seed=0, max_episode_steps=1000)
+    hopper = mc.MaMuJoCoEnvs("Hopper", "3x1", [0], max_episode_steps=1000)
     hopper.reset()
     for _ in range(200):
         terminated, truncated = hopper.step(np.ones((1, 3, 1), dtype=np.float32))[3:5]
@@ -113,6 +113,19 @@ def test_time_limit_is_truncation_with_the_final_observation(tmp_path, monkeypat
     assert terminated[0] and not truncated[0]  # full torque topples the hopper long before the time limit
     for vec_env in (envs, longer, hopper):
         vec_env.close()
+
+
+def test_seeds_share_no_env_across_runs_nor_between_train_and_eval(tmp_path, monkeypatch):
+    # with seed + i (issue 14), env 1 of --seed 1 was env 0 of --seed 2, and so on for all envs but one
+    monkeypatch.chdir(tmp_path)
+    initial_obs = {}
+    for seed, stream in [(1, "train"), (2, "train"), (1, "eval")]:
+        envs = mc.make_envs(mc.Args(), mc.env_seeds(seed, stream, 8))
+        initial_obs[seed, stream] = envs.reset()[0].reshape(8, -1)  # [envs, agents * obs_dim]
+        envs.close()
+    for first, second in [((1, "train"), (2, "train")), ((1, "train"), (1, "eval")), ((1, "train"), (1, "train"))]:
+        same_start = (initial_obs[first][:, None] == initial_obs[second][None]).all(-1)  # [8, 8]: env i of first, j of second
+        assert same_start.sum() == (8 if first == second else 0), (first, second)
 
 
 def test_padded_dimensions_carry_no_log_prob_or_entropy():
