@@ -7,14 +7,18 @@
 Every run folder under FOLDER (any depth) is read with tensorboard's event reader. A run is taken if sweep.py marked
 it finished (the `done` file two levels up, in the folder it ran in), or with --include-unfinished. Seeds are grouped
 by the run's own hyperparameters (the "hyperparameters" text each script logs): runs with the same env and the same
-settings but the seed are one group. Curves are labelled by the settings that differ between an env's groups (nu first).
+settings but the seed are one group; settings that change only speed or bookkeeping (torch_threads, GRF's num_workers,
+checkpoint_interval, resume; see NOT_SETTINGS) do not split a group. Curves are labelled by the settings that differ
+between an env's groups (nu first).
 
-Writes, into --out (default FOLDER/plots):
-- {env}__{metric}.png: per group, the mean across seeds and a band of one standard deviation, x = env steps; seeds
-  logged at different steps are linearly interpolated onto the steps where all of them have data (--log-y: on a
-  logarithmic y axis, where a band reaching below 0 is clipped);
-- results.md: per metric, one row per (env, group): the final value of each seed (the mean of its last --last logged
-  values, i.e. its last 10 evaluations for eval/*), then the mean and standard deviation of those across seeds.
+Writes, into --out (default FOLDER/plots; each file atomically):
+- {env}__{metric}.png: per group, the mean across seeds and a band of one sample standard deviation (ddof 1; no band
+  for one seed), x = env steps; seeds logged at different steps are linearly interpolated onto the steps where all of
+  them have data (--log-y: on a logarithmic y axis, where a band reaching below 0 is clipped);
+- results.md: per metric, one row per (env, group): env steps, the last step every seed of the group reached; the final
+  value of each seed, the mean of its last --last logged values at or before that step (its last 10 evaluations for
+  eval/*), so a seed that ran longer is compared at the same point; then the mean ± the sample standard deviation of
+  those across seeds ("n/a" for one seed). Seeds cut this way are named on stderr.
 """
 
 import argparse
@@ -39,10 +43,19 @@ DEFAULT_METRICS = [
     "diagnostics/grad_var",
 ]
 ENV_KEYS = ("task", "map", "scenario", "env")  # the flag naming the env in each maipg_*.py script
-NOT_SETTINGS = {  # hyperparameters that do not change what a run learns, and the seed that groups average over
+# Hyperparameters that do not change what a run learns (only where, how fast, or what else it writes), and the seed that
+# groups average over. torch_threads (sweep.py sets it per run from the cores free) and GRF's num_workers (its envs are
+# seeded per env, not per worker) change only the speed; checkpoint_interval and resume only when checkpoints are written
+# and where a run continued from. Left as settings on purpose: eval_interval and eval_episodes (they change what "final"
+# measures), env_backend (another simulator), log_grad_var and joint_q_diagnostic (extra diagnostics, extra metrics).
+NOT_SETTINGS = {
     "seed",
     "torch_deterministic",
     "cuda",
+    "torch_threads",
+    "num_workers",
+    "checkpoint_interval",
+    "resume",
     "track",
     "wandb_project_name",
     "wandb_entity",
@@ -129,7 +142,8 @@ def curve_labels(settings_list):
         if "nu" in values:
             nu = float(values["nu"])
             parts.append(f"nu={nu:g}" + (" (MAPPO)" if nu == 0 else ""))
-        parts += [f"{key}={values[key]}" for key in differing if key not in ("nu", "exp_name")]
+        # .get: a setting that runs of an older script version do not log at all
+        parts += [f"{key}={values.get(key, 'unset')}" for key in differing if key not in ("nu", "exp_name")]
         labels.append(", ".join(parts))
     if len(set(labels)) < len(labels):  # only the exp_name tells them apart
         labels = [f"{label}, {dict(s).get('exp_name')}".strip(", ") for label, s in zip(labels, settings_list, strict=True)]
@@ -189,6 +203,7 @@ if __name__ == "__main__":
         fail(f"folder: no finished runs under {args.folder}")
     os.makedirs(out, exist_ok=True)
     tables = {metric: [] for metric in metrics}
+    noted = set()
     for env in sorted(groups):
         settings_list = sorted(groups[env], key=lambda settings: (float(dict(settings).get("nu", 0)), settings))
         labels = curve_labels(settings_list)
@@ -196,16 +211,33 @@ if __name__ == "__main__":
             figure, axes = plt.subplots(figsize=(6.4, 4.2))
             for settings, label in zip(settings_list, labels, strict=True):
                 seeds = groups[env][settings]
-                curves = [seeds[seed][1][metric] for seed in sorted(seeds) if metric in seeds[seed][1]]
-                if not curves:
+                named = {seed: seeds[seed][1][metric] for seed in sorted(seeds) if metric in seeds[seed][1]}
+                if not named:
+                    continue
+                # every seed stops at the last step all of them reached: the curve, the final values and the env steps
+                last_step = min(steps[-1] for steps, _ in named.values())
+                longer = [seed for seed, (steps, _) in named.items() if steps[-1] > last_step]
+                if longer and (env, label) not in noted:
+                    noted.add((env, label))
+                    shortest = [seed for seed, (steps, _) in named.items() if steps[-1] == last_step]
+                    print(
+                        f"{env}, {label}: {metric} of seed {', '.join(longer)} goes past step {int(last_step)}, where seed "
+                        f"{', '.join(shortest)} stops: curves and final values of every seed stop there",
+                        file=sys.stderr,
+                    )
+                curves = [(steps[steps <= last_step], values[steps <= last_step]) for steps, values in named.values()]
+                if any(len(steps) == 0 for steps, _ in curves):
+                    print(f"{env}, {label}: skipped {metric}: its seeds logged it at no common step", file=sys.stderr)
                     continue
                 grid, values = align(curves, args.smooth)
-                mean, std = values.mean(0), values.std(0)
-                axes.plot(grid, mean, label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-                axes.fill_between(grid, mean - std, mean + std, alpha=0.2)
+                mean, n = values.mean(0), len(curves)
+                axes.plot(grid, mean, label=f"{label} ({n} seed{'s' if n > 1 else ', no band'})")
+                if n > 1:
+                    std = values.std(0, ddof=1)
+                    axes.fill_between(grid, mean - std, mean + std, alpha=0.2)
                 finals = final_values(curves, args.last)
-                last_step = min(int(steps[-1]) for steps, _ in curves)
-                tables[metric].append((env, label, len(curves), last_step, finals.mean(), finals.std()))
+                final = f"{number(finals.mean())} ± {number(finals.std(ddof=1)) if n > 1 else 'n/a'}"
+                tables[metric].append((env, label, n, int(last_step), final))
             if axes.lines:
                 axes.set(title=f"{env}: {metric}", xlabel="env steps", ylabel=metric)
                 if metric in args.log_y:
@@ -214,10 +246,11 @@ if __name__ == "__main__":
                     axes.yaxis.set_major_formatter(LogFormatter())
                     axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
                 axes.grid(alpha=0.3)
-                axes.legend()
+                axes.legend(title="mean ± sample sd (ddof 1) over seeds", title_fontsize="small")
                 figure.tight_layout()
                 path = os.path.join(out, f"{safe_name(env)}__{safe_name(metric)}.png")
-                figure.savefig(path, dpi=120)
+                figure.savefig(path + ".tmp", dpi=120, format="png")
+                os.replace(path + ".tmp", path)
                 print(f"wrote {path}")
             plt.close(figure)
 
@@ -225,16 +258,18 @@ if __name__ == "__main__":
         f"# Results: {args.folder}",
         "",
         f"Final value: the mean of each seed's last {args.last} logged values (for eval/ metrics: its last {args.last} "
-        "evaluations); then mean ± standard deviation (ddof = 0) across seeds. Env steps: the last step every seed reached.",
+        "evaluations) at or before the env steps column, the last step every seed reached; then the mean ± the sample "
+        "standard deviation (ddof = 1) across seeds (n/a for one seed).",
     ]
     for metric, rows in tables.items():
         if rows:
             lines += ["", f"## {metric}", "", "| env | run | seeds | env steps | final |", "|-|-|-|-|-|"]
-            lines += [f"| {e} | {label} | {n} | {s} | {number(m)} ± {number(d)} |" for e, label, n, s, m, d in rows]
+            lines += [f"| {' | '.join(map(str, row))} |" for row in rows]
     missing = [metric for metric, rows in tables.items() if not rows and args.metrics]
     if missing:
         print(f"not logged by any run: {' '.join(missing)}", file=sys.stderr)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
     print("\n".join(lines[4:]))
     print(f"wrote {os.path.join(out, 'results.md')}")

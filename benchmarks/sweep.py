@@ -9,18 +9,21 @@
 Everything after `--` is passed unchanged to every run. The flag naming the env comes from the script
 (maipg_mpe.py --task, maipg_smac.py --map, maipg_grf.py --scenario, maipg_continuous.py --env; --env-flag for others).
 
-Each run has its own folder OUT/{script}/{env}/nu{nu}__seed{seed}/ and runs there (so its runs/ lands there) with
---exp-name {script}_nu{nu}; its stdout and stderr go to log.txt in that folder. Only after the script exits 0 is a `done`
-file written there (atomically, holding the run's flags): a later sweep over the same OUT skips runs that have it, and
-reruns, from a clean folder, runs that do not. A `done` run whose flags differ from the requested ones is an error
-(use another --out). With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four
-maipg_*.py scripts) = max(1, C // min(J, runs to do)), so that the runs fill the cores without oversubscribing them.
+Each run has its own folder OUT/{script}/{env}/nu{nu}__seed{seed}/ and runs there (so its runs/ lands there) with --nu
+{nu} --exp-name {script}_nu{nu}, nu spelled as given (0.050 stays 0.050; of two spellings of one value, the first
+runs); its stdout and stderr go to log.txt in that folder. Only after the script exits 0 is a `done` file written
+there (atomically, holding the run's flags): a later sweep over the same OUT skips runs that have it, and reruns, from
+a clean folder, runs that do not. A `done` run whose flags differ from the requested ones is an error (use another
+--out). With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four maipg_*.py scripts,
+--num-workers for maipg_grf.py's env processes) = max(1, C // min(J, runs to do)), so that the runs fill the cores
+without oversubscribing them.
 Failed runs are listed at the end, with the tail of their logs, and the exit status is 1.
 """
 
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,15 +66,17 @@ def make_runs(args, extra):
     for flag in extra:
         if flag.split("=")[0] in {env_flag, "--nu", "--seed", "--exp-name", "--exp_name"}:
             fail(f"the flags after -- must not set {flag.split('=')[0]}: the sweep sets it (use --envs, --nu, --seeds)")
-    try:
-        nus = [f"{float(nu):g}" for nu in args.nu]
-    except ValueError:
-        fail(f"--nu: expected numbers, got {' '.join(args.nu)}")
+    bad = [nu for nu in args.nu if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", nu)]
+    if bad:
+        fail(f"--nu: expected numbers such as 0 or 0.05, got {' '.join(bad)}")
+    nus = {}  # as spelled (0.050 stays 0.050, in the folder names and the flags); a value given twice runs once
+    for nu in args.nu:
+        nus.setdefault(float(nu), nu)
     stem = script[: -len(".py")]
     runs = []
     for seed in dict.fromkeys(args.seeds):  # dict.fromkeys: each value once, in the given order
         for env in dict.fromkeys(args.envs):
-            for nu in dict.fromkeys(nus):
+            for nu in nus.values():
                 flags = [env_flag, env, "--nu", nu, "--seed", str(seed), "--exp-name", f"{stem}_nu{nu}", *extra]
                 folder = os.path.join(os.path.abspath(args.out), safe_name(stem), safe_name(env), f"nu{nu}__seed{seed}")
                 runs.append(
@@ -127,8 +132,10 @@ def log_tail(run, lines=5):
 
 
 def launch_command(run, threads):
-    """The run's command, with --torch-threads for our scripts (they default to 1 thread and ignore OMP_NUM_THREADS)."""
-    return run["command"] + (["--torch-threads", str(threads)] if run["script"] in ENV_FLAGS else [])
+    """The run's command, with --torch-threads for our scripts (they default to 1 thread and ignore OMP_NUM_THREADS), and
+    --num-workers for maipg_grf.py (it defaults to a gfootball process per core, however many runs share the cores)."""
+    extra = ["--torch-threads", str(threads)] if run["script"] in ENV_FLAGS else []
+    return run["command"] + extra + (["--num-workers", str(threads)] if run["script"] == "maipg_grf.py" else [])
 
 
 def run_locally(runs, jobs, threads):
@@ -234,7 +241,7 @@ if __name__ == "__main__":
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already done, {len(todo)} to do", flush=True)
     if args.dry_run:
         for run in todo:
-            print(f"cd {shlex.quote(run['folder'])} && {shlex.join(run['command'])}")
+            print(f"cd {shlex.quote(run['folder'])} && {shlex.join(launch_command(run, threads))}")
     elif args.slurm:
         if todo:
             os.makedirs(args.out, exist_ok=True)

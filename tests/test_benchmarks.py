@@ -90,26 +90,36 @@ def test_sweep_threads_folders_and_failures(tmp_path):
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     out = str(tmp_path / "sweep")
-    grid = ["--script", str(script), "--env-flag=--level", "--envs", "a", "b", "--nu", "0.5", "0.50", "--seeds", "1", "2", "2"]
+    # nu as spelled: 0.50 stays 0.50 (0.5, the same value, runs once)
+    grid = ["--script", str(script), "--env-flag=--level", "--envs", "a", "b", "--nu", "0.50", "0.5", "--seeds", "1", "2", "2"]
     result = run(SWEEP, [*grid, "--out", out, "--jobs", "2", "--threads", "3", "--", "--extra", "x y"])
     assert result.returncode == 1
     assert "2 runs finished, 2 failed" in result.stdout
     assert result.stderr.count("FAILED (exit 3)") == 2 and "stand-in ran with seed 2" in result.stderr
     for env in ("a", "b"):
         for seed in (1, 2):
-            folder = os.path.join(out, "stand_in", env, f"nu0.5__seed{seed}")
+            folder = os.path.join(out, "stand_in", env, f"nu0.50__seed{seed}")
             seen = json.load(open(os.path.join(folder, "seen.json")))
             assert seen["cwd"] == folder and seen["threads"] == "3"
-            flags = ["--level", env, "--nu", "0.5", "--seed", str(seed), "--exp-name", "stand_in_nu0.5", "--extra", "x y"]
+            flags = ["--level", env, "--nu", "0.50", "--seed", str(seed), "--exp-name", "stand_in_nu0.50", "--extra", "x y"]
             assert seen["argv"] == flags
             assert os.path.isfile(os.path.join(folder, "log.txt"))
             assert os.path.isfile(os.path.join(folder, "done")) == (seed == 1)
     # only the failed runs are run again, from a clean folder
-    stale = os.path.join(out, "stand_in", "a", "nu0.5__seed2", "stale.txt")
+    stale = os.path.join(out, "stand_in", "a", "nu0.50__seed2", "stale.txt")
     open(stale, "w").close()
     result = run(SWEEP, [*grid, "--out", out, "--jobs", "1", "--", "--extra", "x y"])
     assert result.returncode == 1 and "4 runs in the grid, 2 already done, 2 to do" in result.stdout
     assert f"OMP_NUM_THREADS={len(os.sched_getaffinity(0))} each" in result.stdout and not os.path.exists(stale)
+
+
+def test_sweep_gives_grf_runs_as_many_env_workers_as_threads(tmp_path):
+    (tmp_path / "maipg_grf.py").write_text(STAND_IN)
+    grid = ["--script", str(tmp_path / "maipg_grf.py"), "--envs", "academy_3_vs_1_with_keeper", "--nu", "0.050"]
+    result = run(SWEEP, [*grid, "--seeds", "1", "--out", str(tmp_path / "o"), "--threads", "2", "--dry-run"])
+    assert result.returncode == 0, result.stderr
+    assert "nu0.050__seed1 && " in result.stdout and " --nu 0.050 " in result.stdout
+    assert result.stdout.rstrip().endswith("--exp-name maipg_grf_nu0.050 --torch-threads 2 --num-workers 2")
 
 
 def test_slurm_array_tasks_run_like_local_runs(tmp_path):
@@ -150,10 +160,10 @@ def test_sweep_bad_input_is_one_line(args, message, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-def write_run(folder, task, nu, seed, steps, done=True):
+def write_run(folder, task, nu, seed, steps, done=True, **more):
     """A run folder as sweep.py leaves it, with the hyperparameters text and scalars the scripts log."""
     writer = SummaryWriter(os.path.join(folder, "runs", f"{task}__maipg_mpe_nu{nu}__{seed}__0"))
-    hyperparameters = {"exp_name": f"maipg_mpe_nu{nu}", "seed": seed, "task": task, "nu": float(nu), "num_agents": 3}
+    hyperparameters = {"exp_name": f"maipg_mpe_nu{nu}", "seed": seed, "task": task, "nu": float(nu), "num_agents": 3, **more}
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
     for step in steps:
         writer.add_scalar("eval/episodic_return", seed * 10 + step / 100, step)
@@ -180,11 +190,13 @@ def test_plot_groups_seeds_aligns_steps_and_tabulates_final_values(tmp_path):
     assert sorted(os.listdir(tmp_path / "plots")) == sorted(["results.md", *expected])
     table = open(tmp_path / "plots" / "results.md").read()
     returns = table.split("## eval/episodic_return\n")[1].split("##")[0]
-    # seed s's last 10 evaluations average s * 10 + (1550 + 10 (s - 1)) / 100: 25.5 and 35.6, so 30.55 +- 5.05
+    # the last 10 evaluations up to step 2000, where seed 1 stops: seed 1's average 10 + 1550 / 100 = 25.5, seed 2's (its
+    # 2010 left out) 20 + 1460 / 100 = 34.6; so 30.05 +- 9.1 / sqrt(2) (sample standard deviation)
     for task in ("line", "spread"):
-        assert f"| {task} | nu=0 (MAPPO) | 2 | 2000 | 30.55 ± 5.05 |" in returns
-        assert f"| {task} | nu=0.05 | 2 | 2000 | 30.55 ± 5.05 |" in returns
+        assert f"| {task} | nu=0 (MAPPO) | 2 | 2000 | 30.05 ± 6.435 |" in returns
+        assert f"| {task} | nu=0.05 | 2 | 2000 | 30.05 ± 6.435 |" in returns
     assert "| spread | nu=0 (MAPPO) | 2 | 2000 | 0.5 ± 0 |" in table.split("## diagnostics/rvar\n")[1]
+    assert "spread, nu=0 (MAPPO): eval/episodic_return of seed 2 goes past step 2000, where seed 1 stops" in result.stderr
 
     # alignment: both seeds are interpolated onto the steps where both have data
     plot = load_plot_module()
@@ -209,3 +221,18 @@ def test_plot_log_y_changes_only_its_metrics_and_rejects_unplotted_ones(tmp_path
     result = run(PLOT, [str(tmp_path / "runs"), "--metrics", "eval/episodic_return", "--log-y", "diagnostics/rvar"])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "--log-y: diagnostics/rvar not among the plotted metrics" in result.stderr, result.stderr
+
+
+def test_plot_compares_seeds_at_a_common_step_ignores_threads_and_has_no_spread_for_one_seed(tmp_path):
+    write_run(str(tmp_path / "nu0__seed1"), "spread", "0", 1, range(100, 2100, 100), torch_threads=1)
+    write_run(str(tmp_path / "nu0__seed2"), "spread", "0", 2, range(100, 2100, 100), torch_threads=2, num_workers=4)
+    write_run(str(tmp_path / "nu0__seed3"), "spread", "0", 3, range(100, 1100, 100), torch_threads=1)  # cut short
+    write_run(str(tmp_path / "nu0.05__seed1"), "spread", "0.05", 1, range(100, 2100, 100))
+    result = run(PLOT, [str(tmp_path), "--out", str(tmp_path / "plots"), "--metrics", "eval/episodic_return"])
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in open(tmp_path / "plots" / "results.md") if line.startswith("| spread")]
+    # one group whatever the threads; every seed's last 10 evaluations up to step 1000 (steps 100-1000) average
+    # seed * 10 + 5.5: 15.5, 25.5, 35.5, so 25.5 +- 10; one seed has no spread
+    assert rows == ["| spread | nu=0 (MAPPO) | 3 | 1000 | 25.5 ± 10 |\n", "| spread | nu=0.05 | 1 | 2000 | 25.5 ± n/a |\n"]
+    assert "of seed 1, 2 goes past step 1000, where seed 3 stops" in result.stderr
+    assert "sample standard deviation (ddof = 1)" in open(tmp_path / "plots" / "results.md").read()
