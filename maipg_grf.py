@@ -41,7 +41,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (torch, numpy, random and the envs)"""
+    """seed of the experiment (torch, numpy, random, and the envs through env_seeds)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=False`"""
     cuda: bool = False
@@ -198,6 +198,14 @@ INSTALL_GRF = "run `bash scripts/install_grf.sh` (it compiles gfootball 2.10.2 a
 RENDER_RESOLUTION = (480, 270)  # video frames; the engine's 1280 x 720 renders at under 2 frames/s without a GPU
 
 
+def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
+    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
+    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
+    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
+    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
+    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
 def make_football_env(scenario: str, seed: int):
     """One gfootball env as the paper uses it: simple115v2 observations, dense rewards (scoring + checkpoints)."""
     import gfootball.env as football_env
@@ -265,24 +273,25 @@ def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
 
 
 class FootballEnvs:
-    """num_envs gfootball envs of one scenario, split over num_workers processes that step their envs in parallel.
+    """One gfootball env per seed (see env_seeds), all of one scenario, split over num_workers processes that step
+    their envs in parallel.
 
-    Env i draws the engine seed of each of its episodes from np.random.default_rng(seed + i), so runs are reproducible
+    Env i draws the engine seed of each of its episodes from np.random.default_rng(seeds[i]), so runs are reproducible
     whatever --num-workers is. An env whose episode ends (by the scenario: a goal, the ball out of play or lost, or 400
     steps) is reset inside `step`: its returned obs is the first obs of its next episode.
     """
 
-    def __init__(self, scenario: str, num_envs: int, num_workers: int, seed: int):
-        self.num_envs, self.num_agents = num_envs, ACADEMY_SCENARIOS[scenario]
+    def __init__(self, scenario: str, seeds: list[int], num_workers: int):
+        self.num_envs, self.num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
         self.obs_dim, self.n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
         # fork: the workers inherit the imported engine (started before any torch work, so no thread pool is copied)
         context = multiprocessing.get_context("fork")
-        self.env_ids = np.array_split(np.arange(num_envs), min(num_workers, num_envs))
+        self.env_ids = np.array_split(np.arange(self.num_envs), min(num_workers, self.num_envs))
         self.pipes, self.processes = [], []
         for ids in self.env_ids:
             pipe, worker_pipe = context.Pipe()
             process = context.Process(
-                target=football_worker, args=(worker_pipe, pipe, scenario, [seed + int(i) for i in ids]), daemon=True
+                target=football_worker, args=(worker_pipe, pipe, scenario, [seeds[i] for i in ids]), daemon=True
             )
             process.start()
             worker_pipe.close()
@@ -676,8 +685,9 @@ if __name__ == "__main__":
     if args.eval_only is not None:
         checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
-        envs = FootballEnvs(saved.scenario, min(args.eval_episodes, saved.num_envs), args.num_workers, args.seed)
-        video_envs = FootballEnvs(saved.scenario, 1, 1, args.seed + 200_000) if args.capture_video else None
+        eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, saved.num_envs))
+        envs = FootballEnvs(saved.scenario, eval_seeds, args.num_workers)
+        video_envs = FootballEnvs(saved.scenario, env_seeds(args.seed, "video", 1), 1) if args.capture_video else None
         actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
         actor.load_state_dict(checkpoint["actor"])
         returns, scores = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
@@ -712,14 +722,14 @@ if __name__ == "__main__":
 
     # env setup, before any torch work (the env processes are forked): the mixer state of GRF is the concatenation of
     # all agents' observations (SPEC section 3)
-    envs = FootballEnvs(args.scenario, args.num_envs, args.num_workers, args.seed)
+    envs = FootballEnvs(args.scenario, env_seeds(args.seed, "train", args.num_envs), args.num_workers)
     # evaluation envs of their own (about 60 MB per engine), only if there are evaluations
-    num_eval_envs = min(args.eval_episodes, args.num_envs)
-    eval_envs = (
-        FootballEnvs(args.scenario, num_eval_envs, args.num_workers, args.seed + 100_000) if args.eval_interval > 0 else None
-    )
+    eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs))
+    eval_envs = FootballEnvs(args.scenario, eval_seeds, args.num_workers) if args.eval_interval > 0 else None
     video_envs = (
-        FootballEnvs(args.scenario, 1, 1, args.seed + 200_000) if args.capture_video and eval_envs is not None else None
+        FootballEnvs(args.scenario, env_seeds(args.seed, "video", 1), 1)
+        if args.capture_video and eval_envs is not None
+        else None
     )
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim

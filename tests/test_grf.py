@@ -1,5 +1,6 @@
 """maipg_grf.py on the real Google Research Football engine: the scenario table against the installed package, smoke
 runs of the paper's five scenarios with env processes, save then --eval-only, env determinism, rendering, bad input.
+A stand-in env (StubFootballEnv) in the script's real env processes checks that no two runs or streams share env seeds.
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
 (CI=true) a missing gfootball fails them instead, so CI cannot pass without running them."""
@@ -33,6 +34,26 @@ PAPER_SCENARIOS = {
     "academy_run_pass_and_shoot_with_keeper": 2,
 }
 TINY = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "32", "--update-epochs", "1", "--num-workers", "2"]
+
+
+class StubFootballEnv:
+    """Stands in for gfootball's env (create_environment's keywords, reset, step, close, unwrapped._config) inside the
+    script's real env processes. Like the engine it reads game_engine_random_seed at every reset, and its observations
+    are drawn from that seed, so equal observations mean equal engine seeds."""
+
+    def __init__(self, number_of_left_players_agent_controls, other_config_options, **_):
+        self.num_agents, self._config = number_of_left_players_agent_controls, dict(other_config_options)
+
+    @property
+    def unwrapped(self):
+        return self
+
+    def reset(self):
+        self.rng = np.random.default_rng(self._config["game_engine_random_seed"])
+        return self.rng.uniform(-1, 1, (self.num_agents, 115)).astype(np.float32)
+
+    def close(self):
+        pass
 
 
 @pytest.fixture
@@ -111,7 +132,7 @@ def test_envs_are_deterministic_whatever_the_number_of_workers(gfootball):
     seed -> other episodes."""
     rollouts = {}
     for seed, num_workers in [(3, 1), (3, 2), (4, 2)]:
-        envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", 2, num_workers, seed)
+        envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", maipg_grf.env_seeds(seed, "train", 2), num_workers)
         try:
             rollouts[seed, num_workers] = random_rollout(envs, 40)
         finally:
@@ -126,7 +147,7 @@ def test_envs_are_deterministic_whatever_the_number_of_workers(gfootball):
 def test_each_episode_gets_its_own_engine_seed(gfootball):
     """gfootball re-seeds its engine at every reset: with one fixed seed, the same actions replay the same episode.
     Two consecutive episodes of one env under identical (idle) actions must differ."""
-    envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", 1, 1, seed=5)
+    envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", [5], 1)
     idle = np.zeros((1, envs.num_agents), dtype=np.int64)
     episodes, current = [], [envs.reset()[0]]
     try:
@@ -145,7 +166,7 @@ def test_env_processes_end_when_the_main_process_dies(tmp_path, gfootball):
     """A main process that dies without closing its envs (os._exit skips every clean-up) leaves no env process behind."""
     code = (
         "import os, maipg_grf\n"
-        "envs = maipg_grf.FootballEnvs('academy_3_vs_1_with_keeper', 2, 2, 0)\n"
+        "envs = maipg_grf.FootballEnvs('academy_3_vs_1_with_keeper', [0, 1], 2)\n"
         "envs.reset()\n"
         "print(' '.join(str(process.pid) for process in envs.processes), flush=True)\n"
         "os._exit(0)\n"
@@ -168,7 +189,7 @@ def test_env_processes_end_when_the_main_process_dies(tmp_path, gfootball):
 
 
 def test_render_gives_frames_and_a_failure_is_one_line(capsys, tmp_path, gfootball):
-    envs = maipg_grf.FootballEnvs("academy_empty_goal_close", 1, 1, seed=0)
+    envs = maipg_grf.FootballEnvs("academy_empty_goal_close", [0], 1)
     try:
         envs.reset()
         frame = envs.render()
@@ -214,3 +235,29 @@ def test_missing_gfootball_is_one_line_naming_the_install_script(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "gfootball" in line and "scripts/install_grf.sh" in line
+
+
+def stub_envs(monkeypatch, seeds, num_workers):
+    """FootballEnvs whose workers build StubFootballEnvs (forked, they inherit the patched make_football_env)."""
+    monkeypatch.setattr(
+        maipg_grf,
+        "make_football_env",
+        lambda scenario, seed: StubFootballEnv(3, {"game_engine_random_seed": seed}),
+    )
+    return maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", seeds, num_workers)
+
+
+def test_env_seeds_share_no_engine_seeds_across_runs_and_streams(monkeypatch):
+    """With seed + i, --seed 1 and --seed 2 shared all envs but one (issue 14). Now no env of --seed 1 and --seed 2, or
+    of the train and eval envs of one seed, draws the same first engine seed (the stand-in's first observations are
+    drawn from it); and the engine seeds do not depend on --num-workers."""
+    first_obs = {}
+    for seed, stream, num_workers in [(1, "train", 2), (2, "train", 2), (1, "eval", 2), (1, "train", 1)]:
+        envs = stub_envs(monkeypatch, maipg_grf.env_seeds(seed, stream, 8), num_workers)
+        first_obs[seed, stream, num_workers] = [obs.tobytes() for obs in envs.reset()]
+        envs.close()
+    assert first_obs[1, "train", 2] == first_obs[1, "train", 1]
+    for other in [(2, "train", 2), (1, "eval", 2)]:
+        shared = set(first_obs[1, "train", 2]) & set(first_obs[other])
+        assert not shared, f"{len(shared)} of the 8 train envs of --seed 1 share their first engine seed with {other}"
+    assert len(set(first_obs[1, "train", 2])) == 8
