@@ -18,6 +18,8 @@ agents, App. D). Success = the left team scored. gfootball is compiled from sour
     python maipg_grf.py --help                                          # every flag, with its meaning
 """
 
+import atexit
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -82,6 +84,9 @@ class Args:
     """evaluate every this many updates (0: never); 40 x 50 x 200 = MAPPO's 400k env steps"""
     eval_episodes: int = 100
     """the number of greedy evaluation episodes (success rate over 100 episodes, as in the paper)"""
+    env_timeout: float = 300.0
+    """seconds to wait for an env process's answer (the first includes starting its engines) before the run stops
+    with one line naming it: a hung engine is reported, not waited on forever"""
 
     # Algorithm (MAPPO's values and the paper's App. D)
     nu: float = 0.5
@@ -160,6 +165,8 @@ def check_args(args: Args) -> None:
         fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
     if args.eval_episodes < 1:
         fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if not args.env_timeout > 0:
+        fail(f"--env-timeout must be > 0 seconds, got {args.env_timeout}")
     if args.eval_only is not None and not os.path.isfile(args.eval_only):
         fail(f"--eval-only: no such file {args.eval_only!r}")
 
@@ -272,16 +279,23 @@ def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
         pipe.close()
 
 
+class EnvProcessError(SystemExit):
+    """An env process died or stopped answering. A SystemExit, so that it ends the run with its one line and no
+    traceback (the event file is still closed, at exit); record_video catches it: rendering without OpenGL can crash."""
+
+
 class FootballEnvs:
     """One gfootball env per seed (see env_seeds), all of one scenario, split over num_workers processes that step
     their envs in parallel.
 
     Env i draws the engine seed of each of its episodes from np.random.default_rng(seeds[i]), so runs are reproducible
     whatever --num-workers is. An env whose episode ends (by the scenario: a goal, the ball out of play or lost, or 400
-    steps) is reset inside `step`: its returned obs is the first obs of its next episode.
+    steps) is reset inside `step`: its returned obs is the first obs of its next episode. A worker that dies, or does
+    not answer within timeout seconds, stops all the workers and raises EnvProcessError naming it and the scenario.
     """
 
-    def __init__(self, scenario: str, seeds: list[int], num_workers: int):
+    def __init__(self, scenario: str, seeds: list[int], num_workers: int, timeout: float):
+        self.scenario, self.timeout = scenario, timeout
         self.num_envs, self.num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
         self.obs_dim, self.n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
         # fork: the workers inherit the imported engine (started before any torch work, so no thread pool is copied)
@@ -290,6 +304,7 @@ class FootballEnvs:
         self.pipes, self.processes = [], []
         for ids in self.env_ids:
             pipe, worker_pipe = context.Pipe()
+            # daemon: multiprocessing terminates the workers when the main process exits, however it exits
             process = context.Process(
                 target=football_worker, args=(worker_pipe, pipe, scenario, [seeds[i] for i in ids]), daemon=True
             )
@@ -298,33 +313,65 @@ class FootballEnvs:
             self.pipes.append(pipe)
             self.processes.append(process)
 
+    def send(self, worker: int, command: str, data=None):
+        try:
+            self.pipes[worker].send((command, data))
+        except OSError:  # BrokenPipeError, ConnectionResetError: the process has ended
+            self.fail(worker, "died")
+
+    def receive(self, worker: int):
+        """The worker's answer to the last command, waiting at most timeout seconds for it."""
+        try:
+            if self.pipes[worker].poll(self.timeout):
+                return self.pipes[worker].recv()
+        except (EOFError, OSError):  # the process has ended
+            self.fail(worker, "died")
+        self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
+
+    def fail(self, worker: int, problem: str):
+        """Terminates every worker (the envs are out of step now) and raises EnvProcessError naming this one."""
+        for process in self.processes:
+            process.terminate()  # nothing for a process that has ended
+        for process in self.processes:
+            process.join(timeout=10)
+        if problem == "died":
+            code = self.processes[worker].exitcode  # -n: killed by signal n (SIGSEGV: the engine crashed)
+            problem += f" ({signal.Signals(-code).name})" if code is not None and code < 0 else f" (exit code {code})"
+        ids = self.env_ids[worker]
+        raise EnvProcessError(f"{self.scenario}: env process {worker} (envs {ids[0]}-{ids[-1]}) {problem}")
+
     def reset(self) -> np.ndarray:
         """-> obs [E, N, 115]"""
-        for pipe in self.pipes:
-            pipe.send(("reset", None))
-        return np.concatenate([pipe.recv() for pipe in self.pipes])
+        for worker in range(len(self.pipes)):
+            self.send(worker, "reset")
+        return np.concatenate([self.receive(worker) for worker in range(len(self.pipes))])
 
     def step(self, actions: np.ndarray) -> tuple:
         """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of the episode
         that ended at this step: +1 the left team scored, -1 it conceded; 0 where none ended)."""
-        for pipe, ids in zip(self.pipes, self.env_ids, strict=True):
-            pipe.send(("step", actions[ids]))
-        results = [pipe.recv() for pipe in self.pipes]
+        for worker, ids in enumerate(self.env_ids):
+            self.send(worker, "step", actions[ids])
+        results = [self.receive(worker) for worker in range(len(self.pipes))]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
     def render(self) -> np.ndarray:
         """-> the current frame of env 0 [270, 480, 3] uint8"""
-        self.pipes[0].send(("render", None))
-        frame = self.pipes[0].recv()
+        self.send(0, "render")
+        frame = self.receive(0)
         if isinstance(frame, Exception):
             raise frame
         return frame
 
     def close(self):
+        """Each worker closes its engines; one that has died is skipped, one that hangs is terminated after 10 s."""
         for pipe in self.pipes:
-            pipe.send(("close", None))
+            with contextlib.suppress(OSError):  # a broken pipe: that worker has ended
+                pipe.send(("close", None))
         for process in self.processes:
-            process.join()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -660,7 +707,7 @@ def record_video(actor, video_envs, hidden_dim, device, path):
     frames = []
     try:
         evaluate(actor, video_envs, 1, hidden_dim, device, frames)
-    except (RuntimeError, EOFError, ConnectionError) as error:  # a render error, or the engine died in its process
+    except (RuntimeError, EnvProcessError) as error:  # a render error, or the engine died in its process
         print(f"--capture-video: no video, gfootball could not render on this machine (it needs OpenGL): {error}")
         return None
     return save_gif(frames, path)
@@ -686,8 +733,10 @@ if __name__ == "__main__":
         checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
         eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, saved.num_envs))
-        envs = FootballEnvs(saved.scenario, eval_seeds, args.num_workers)
-        video_envs = FootballEnvs(saved.scenario, env_seeds(args.seed, "video", 1), 1) if args.capture_video else None
+        envs = FootballEnvs(saved.scenario, eval_seeds, args.num_workers, args.env_timeout)
+        video_envs = (
+            FootballEnvs(saved.scenario, env_seeds(args.seed, "video", 1), 1, args.env_timeout) if args.capture_video else None
+        )
         actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
         actor.load_state_dict(checkpoint["actor"])
         returns, scores = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
@@ -715,6 +764,7 @@ if __name__ == "__main__":
             save_code=True,
         )
     writer = SummaryWriter(f"runs/{run_name}")
+    atexit.register(writer.close)  # a run stopped early (a dead env process, a non-finite loss) keeps what it logged
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
@@ -722,12 +772,12 @@ if __name__ == "__main__":
 
     # env setup, before any torch work (the env processes are forked): the mixer state of GRF is the concatenation of
     # all agents' observations (SPEC section 3)
-    envs = FootballEnvs(args.scenario, env_seeds(args.seed, "train", args.num_envs), args.num_workers)
+    envs = FootballEnvs(args.scenario, env_seeds(args.seed, "train", args.num_envs), args.num_workers, args.env_timeout)
     # evaluation envs of their own (about 60 MB per engine), only if there are evaluations
     eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs))
-    eval_envs = FootballEnvs(args.scenario, eval_seeds, args.num_workers) if args.eval_interval > 0 else None
+    eval_envs = FootballEnvs(args.scenario, eval_seeds, args.num_workers, args.env_timeout) if args.eval_interval > 0 else None
     video_envs = (
-        FootballEnvs(args.scenario, env_seeds(args.seed, "video", 1), 1)
+        FootballEnvs(args.scenario, env_seeds(args.seed, "video", 1), 1, args.env_timeout)
         if args.capture_video and eval_envs is not None
         else None
     )

@@ -1,12 +1,14 @@
 """maipg_grf.py on the real Google Research Football engine: the scenario table against the installed package, smoke
 runs of the paper's five scenarios with env processes, save then --eval-only, env determinism, rendering, bad input.
-A stand-in env (StubFootballEnv) in the script's real env processes checks that no two runs or streams share env seeds.
+A stand-in env (StubFootballEnv) in the script's real env processes checks the env seeds and a dead or hung env process.
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
 (CI=true) a missing gfootball fails them instead, so CI cannot pass without running them."""
 
 import glob
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import maipg_grf
 
@@ -25,6 +28,7 @@ except ImportError as error:
     GFOOTBALL_MISSING = f"gfootball is not installed ({error}); run `bash scripts/install_grf.sh`"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(ROOT, "maipg_grf.py")
 PAPER_SCENARIOS = {
     "academy_3_vs_1_with_keeper": 3,
@@ -34,26 +38,73 @@ PAPER_SCENARIOS = {
     "academy_run_pass_and_shoot_with_keeper": 2,
 }
 TINY = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "32", "--update-epochs", "1", "--num-workers", "2"]
+# scalars every update logs, whatever the episodes did
+LOGGED_EVERY_UPDATE = {
+    "charts/SPS",
+    "charts/learning_rate",
+    "charts/q_tot_mean",
+    "losses/policy_loss",
+    "losses/dpg_loss",
+    "losses/value_loss",
+    "losses/q_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "diagnostics/rvar",
+}
+
+# The stand-in's episodes: STUB_EPISODE_LENGTH steps each, and episode k scores STUB_GOALS[k % 4] (step -> score_reward):
+# a goal, a goal conceded, none, three goals. Success is scoring, once per episode: 2 of every 4 episodes.
+STUB_EPISODE_LENGTH = 4
+STUB_GOALS = [{4: 1}, {4: -1}, {}, {1: 1, 2: 1, 4: 1}]
+STUB_FATAL_STEP = 3  # a stand-in with a fate dies or hangs at its 3rd step
+STUB_RUN = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "64", "--num-workers", "2", "--eval-interval", "1"]
 
 
 class StubFootballEnv:
     """Stands in for gfootball's env (create_environment's keywords, reset, step, close, unwrapped._config) inside the
     script's real env processes. Like the engine it reads game_engine_random_seed at every reset, and its observations
-    are drawn from that seed, so equal observations mean equal engine seeds."""
+    are drawn from that seed, so equal observations mean equal engine seeds. fate "die" (SIGKILL) or "hang" applies to
+    the stand-in built with fatal_seed, at its STUB_FATAL_STEP-th step."""
 
-    def __init__(self, number_of_left_players_agent_controls, other_config_options, **_):
+    def __init__(self, number_of_left_players_agent_controls, other_config_options, fate=None, fatal_seed=None, **_):
         self.num_agents, self._config = number_of_left_players_agent_controls, dict(other_config_options)
+        self.fate = fate if self._config["game_engine_random_seed"] == fatal_seed else None
+        self.episode, self.episode_steps, self.total_steps = -1, 0, 0
 
     @property
     def unwrapped(self):
         return self
 
     def reset(self):
+        self.episode, self.episode_steps = self.episode + 1, 0
         self.rng = np.random.default_rng(self._config["game_engine_random_seed"])
         return self.rng.uniform(-1, 1, (self.num_agents, 115)).astype(np.float32)
 
+    def step(self, actions):
+        assert len(actions) == self.num_agents and all(0 <= action < 19 for action in actions)
+        self.episode_steps, self.total_steps = self.episode_steps + 1, self.total_steps + 1
+        if self.fate == "die" and self.total_steps == STUB_FATAL_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fate == "hang" and self.total_steps == STUB_FATAL_STEP:
+            time.sleep(3600)
+        score = STUB_GOALS[self.episode % 4].get(self.episode_steps, 0)
+        obs = self.rng.uniform(-1, 1, (self.num_agents, 115)).astype(np.float32)
+        rewards = np.full(self.num_agents, float(score), dtype=np.float32)
+        return obs, rewards, self.episode_steps == STUB_EPISODE_LENGTH, {"score_reward": score}
+
     def close(self):
         pass
+
+
+def stub_create_environment(**config):
+    """gfootball.env.create_environment of the shadowing package (stub_gfootball): a StubFootballEnv, whose fate and
+    fatal seed come from $STUB_FATE and $STUB_FATAL_SEED; its process id goes to a file in $STUB_PIDS."""
+    with open(os.path.join(os.environ["STUB_PIDS"], str(os.getpid())), "w"):
+        pass
+    fatal_seed = int(os.environ["STUB_FATAL_SEED"]) if "STUB_FATAL_SEED" in os.environ else None
+    return StubFootballEnv(**config, fate=os.environ.get("STUB_FATE"), fatal_seed=fatal_seed)
 
 
 @pytest.fixture
@@ -76,6 +127,40 @@ def run(args, cwd, check=True, env=None):
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def stub_gfootball(tmp_path, **env):
+    """The environment of a subprocess whose `gfootball.env` is a package that builds StubFootballEnvs."""
+    package = tmp_path / "stub" / "gfootball" / "env"
+    package.mkdir(parents=True)
+    (tmp_path / "stub" / "gfootball" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("from test_grf import stub_create_environment as create_environment  # noqa: F401\n")
+    (tmp_path / "pids").mkdir()
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), TESTS, ROOT]), "STUB_PIDS": str(tmp_path / "pids"), **env}
+
+
+def scalars(cwd) -> dict[str, list[float]]:
+    """The event file of the one run under cwd -> {tag: its values, in logging order}"""
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_logged_and_finite(logged, num_updates):
+    """Every per-update scalar is there once per update, and every scalar logged is finite."""
+    assert LOGGED_EVERY_UPDATE <= set(logged), LOGGED_EVERY_UPDATE - set(logged)
+    assert all(len(logged[tag]) == num_updates for tag in LOGGED_EVERY_UPDATE)
+    assert all(math.isfinite(value) for values in logged.values() for value in values), logged
+
+
+def running(pid):
+    """Whether a process runs (a zombie, state Z, waiting for its parent to reap it, has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def random_rollout(envs, num_steps, seed=0):
@@ -132,7 +217,7 @@ def test_envs_are_deterministic_whatever_the_number_of_workers(gfootball):
     seed -> other episodes."""
     rollouts = {}
     for seed, num_workers in [(3, 1), (3, 2), (4, 2)]:
-        envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", maipg_grf.env_seeds(seed, "train", 2), num_workers)
+        envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", maipg_grf.env_seeds(seed, "train", 2), num_workers, 60)
         try:
             rollouts[seed, num_workers] = random_rollout(envs, 40)
         finally:
@@ -147,7 +232,7 @@ def test_envs_are_deterministic_whatever_the_number_of_workers(gfootball):
 def test_each_episode_gets_its_own_engine_seed(gfootball):
     """gfootball re-seeds its engine at every reset: with one fixed seed, the same actions replay the same episode.
     Two consecutive episodes of one env under identical (idle) actions must differ."""
-    envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", [5], 1)
+    envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", [5], 1, 60)
     idle = np.zeros((1, envs.num_agents), dtype=np.int64)
     episodes, current = [], [envs.reset()[0]]
     try:
@@ -166,7 +251,7 @@ def test_env_processes_end_when_the_main_process_dies(tmp_path, gfootball):
     """A main process that dies without closing its envs (os._exit skips every clean-up) leaves no env process behind."""
     code = (
         "import os, maipg_grf\n"
-        "envs = maipg_grf.FootballEnvs('academy_3_vs_1_with_keeper', [0, 1], 2)\n"
+        "envs = maipg_grf.FootballEnvs('academy_3_vs_1_with_keeper', [0, 1], 2, 60)\n"
         "envs.reset()\n"
         "print(' '.join(str(process.pid) for process in envs.processes), flush=True)\n"
         "os._exit(0)\n"
@@ -174,14 +259,6 @@ def test_env_processes_end_when_the_main_process_dies(tmp_path, gfootball):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     pids = [int(pid) for pid in result.stdout.split()]
     assert len(pids) == 2, result.stdout + result.stderr
-
-    def running(pid):  # a zombie (state Z, waiting for its new parent to reap it) has ended
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
     deadline = time.time() + 30
     while time.time() < deadline and any(running(pid) for pid in pids):
         time.sleep(0.2)
@@ -189,7 +266,7 @@ def test_env_processes_end_when_the_main_process_dies(tmp_path, gfootball):
 
 
 def test_render_gives_frames_and_a_failure_is_one_line(capsys, tmp_path, gfootball):
-    envs = maipg_grf.FootballEnvs("academy_empty_goal_close", [0], 1)
+    envs = maipg_grf.FootballEnvs("academy_empty_goal_close", [0], 1, 60)
     try:
         envs.reset()
         frame = envs.render()
@@ -237,14 +314,14 @@ def test_missing_gfootball_is_one_line_naming_the_install_script(tmp_path):
     assert "gfootball" in line and "scripts/install_grf.sh" in line
 
 
-def stub_envs(monkeypatch, seeds, num_workers):
+def stub_envs(monkeypatch, seeds, num_workers, fate=None, timeout=60.0):
     """FootballEnvs whose workers build StubFootballEnvs (forked, they inherit the patched make_football_env)."""
     monkeypatch.setattr(
         maipg_grf,
         "make_football_env",
-        lambda scenario, seed: StubFootballEnv(3, {"game_engine_random_seed": seed}),
+        lambda scenario, seed: StubFootballEnv(3, {"game_engine_random_seed": seed}, fate=fate, fatal_seed=seeds[-1]),
     )
-    return maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", seeds, num_workers)
+    return maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", seeds, num_workers, timeout)
 
 
 def test_env_seeds_share_no_engine_seeds_across_runs_and_streams(monkeypatch):
@@ -261,3 +338,48 @@ def test_env_seeds_share_no_engine_seeds_across_runs_and_streams(monkeypatch):
         shared = set(first_obs[1, "train", 2]) & set(first_obs[other])
         assert not shared, f"{len(shared)} of the 8 train envs of --seed 1 share their first engine seed with {other}"
     assert len(set(first_obs[1, "train", 2])) == 8
+
+
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+def test_a_dead_or_hung_env_process_is_one_line_and_closes(monkeypatch, failure):
+    """A worker killed mid-run, or one whose engine hangs, stops the envs with EnvProcessError (a SystemExit: one line,
+    no traceback) naming the worker and the scenario; every worker is ended and close() does not raise."""
+    envs = stub_envs(monkeypatch, [11, 12], 2, fate="hang" if failure == "hung" else None, timeout=1.0)
+    idle = np.zeros((2, 3), dtype=np.int64)
+    envs.reset()
+    with pytest.raises(maipg_grf.EnvProcessError) as error:
+        for step in range(1, STUB_FATAL_STEP + 1):
+            if failure == "killed" and step == 2:
+                os.kill(envs.processes[1].pid, signal.SIGKILL)
+            envs.step(idle)
+    problem = "has not answered in 1 s (a hung engine?)" if failure == "hung" else "died (SIGKILL)"
+    assert str(error.value) == f"academy_3_vs_1_with_keeper: env process 1 (envs 1-1) {problem}"
+    assert step == (STUB_FATAL_STEP if failure == "hung" else 2)
+    envs.close()
+    assert not any(process.is_alive() for process in envs.processes)
+
+
+def test_run_whose_env_process_dies_stops_with_one_line(tmp_path):
+    """The script, with an eval env process killed (SIGKILL) in the first evaluation: exit status 1, one line naming
+    the process and the scenario on stderr and no traceback, the scalars of update 1, logged just before, in the event
+    file (the writer was closed), and no env process left, of the train or the eval envs."""
+    fatal_seed = maipg_grf.env_seeds(1, "eval", 2)[1]
+    env = stub_gfootball(tmp_path, STUB_FATE="die", STUB_FATAL_SEED=str(fatal_seed))
+    result = run([*STUB_RUN, "--update-epochs", "1", "--eval-episodes", "2"], tmp_path, check=False, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == ["academy_3_vs_1_with_keeper: env process 1 (envs 1-1) died (SIGKILL)"]
+    logged = scalars(tmp_path)
+    assert_logged_and_finite(logged, num_updates=1)
+    assert "eval/success_rate" not in logged
+    pids = [int(pid) for pid in os.listdir(tmp_path / "pids")]
+    assert len(pids) == 4  # 2 train and 2 eval env processes
+    deadline = time.time() + 10
+    while time.time() < deadline and any(running(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not any(running(pid) for pid in pids)
+
+
+def test_bad_env_timeout_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        maipg_grf.check_args(maipg_grf.Args(env_timeout=0))
+    assert exit_info.value.code == 2 and "--env-timeout must be > 0" in capsys.readouterr().err
