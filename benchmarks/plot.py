@@ -6,10 +6,11 @@
 
 Every run folder under FOLDER (any depth) is read with tensorboard's event reader. A run is taken if sweep.py marked
 it finished (the `done` file two levels up, in the folder it ran in), or with --include-unfinished. Seeds are grouped
-by the run's own hyperparameters (the "hyperparameters" text each script logs): runs with the same env and the same
-settings but the seed are one group; settings that change only speed or bookkeeping (torch_threads, GRF's num_workers,
-checkpoint_interval, resume; see NOT_SETTINGS) do not split a group. Curves are labelled by the settings that differ
-between an env's groups (nu first).
+by the run's own hyperparameters (the "hyperparameters" text each script logs) and its sweep.py arm (the label its
+`done` record holds, for sweeps with --arm): runs with the same env, arm and settings but the seed are one group;
+settings that change only speed or bookkeeping (torch_threads, GRF's num_workers, checkpoint_interval, resume; see
+NOT_SETTINGS) do not split a group. Curves and table rows are labelled by the arm (arms in label order, after the
+runs without one), else by the settings that differ between an env's groups (nu first).
 
 Writes, into --out (default FOLDER/plots; each file atomically):
 - {env}__{metric}.png: per group, the mean across seeds and a band of one sample standard deviation (ddof 1; no band
@@ -22,9 +23,12 @@ Writes, into --out (default FOLDER/plots; each file atomically):
 """
 
 import argparse
+import json
 import math
 import os
+import re
 import sys
+from collections import Counter
 
 import matplotlib
 
@@ -108,6 +112,15 @@ def env_label(hyperparameters):
     return f"{name}-{hyperparameters['agent_conf']}" if "agent_conf" in hyperparameters else name
 
 
+def sweep_arm(path):
+    """The arm (sweep.py --arm) the run at path ran as: the label its `done` record holds, or None."""
+    try:
+        with open(os.path.join(path, os.pardir, os.pardir, "done")) as f:
+            return json.load(f).get("arm")
+    except (OSError, ValueError, AttributeError):  # no record, an empty or older one
+        return None
+
+
 def group_runs(folder, metrics, include_unfinished):
     """{env: {settings: {seed: (path, curves)}}}; settings is a sorted tuple of (key, value) pairs."""
     groups, skipped = {}, 0
@@ -120,7 +133,9 @@ def group_runs(folder, metrics, include_unfinished):
             print(f"skipped {path}: no hyperparameters text (not a maipg_*.py run)", file=sys.stderr)
             continue
         hyperparameters, curves = loaded
-        settings = tuple(sorted((k, v) for k, v in hyperparameters.items() if k not in NOT_SETTINGS))
+        settings = {k: v for k, v in hyperparameters.items() if k not in NOT_SETTINGS}
+        arm = sweep_arm(path)
+        settings = tuple(sorted({**settings, **({"arm": arm} if arm else {})}.items()))  # arms are groups of their own
         seeds = groups.setdefault(env_label(hyperparameters), {}).setdefault(settings, {})
         seed = hyperparameters.get("seed", "?")
         if seed in seeds:
@@ -132,22 +147,37 @@ def group_runs(folder, metrics, include_unfinished):
 
 
 def curve_labels(settings_list):
-    """Labels that tell an env's groups apart: nu first (nu = 0 is MAPPO), then the other settings that differ."""
+    """Labels that tell an env's groups apart: an arm's label (it stands for its flags), else nu first (nu = 0 is MAPPO)
+    and the other settings that differ; where that is not enough, the differing settings and the exp_name too."""
     keys = dict.fromkeys(key for settings in settings_list for key, _ in settings)
     differing = [key for key in keys if len({dict(settings).get(key) for settings in settings_list}) > 1]
+
+    def others(values):  # .get: a setting that runs of an older script version do not log at all
+        return [f"{key}={values.get(key, 'unset')}" for key in differing if key not in ("arm", "nu", "exp_name")]
+
     labels = []
     for settings in settings_list:
         values = dict(settings)
-        parts = []
-        if "nu" in values:
-            nu = float(values["nu"])
-            parts.append(f"nu={nu:g}" + (" (MAPPO)" if nu == 0 else ""))
-        # .get: a setting that runs of an older script version do not log at all
-        parts += [f"{key}={values.get(key, 'unset')}" for key in differing if key not in ("nu", "exp_name")]
-        labels.append(", ".join(parts))
-    if len(set(labels)) < len(labels):  # only the exp_name tells them apart
-        labels = [f"{label}, {dict(s).get('exp_name')}".strip(", ") for label, s in zip(labels, settings_list, strict=True)]
+        if "arm" in values:
+            labels.append(values["arm"])
+            continue
+        nu = [f"nu={float(values['nu']):g}" + (" (MAPPO)" if float(values["nu"]) == 0 else "")] if "nu" in values else []
+        labels.append(", ".join(nu + others(values)))
+    counts = Counter(labels)
+    for i, values in enumerate(map(dict, settings_list)):
+        if counts[labels[i]] > 1:  # one arm label for other settings, or only the exp_name tells them apart
+            labels[i] = ", ".join([labels[i], *(others(values) if "arm" in values else []), str(values.get("exp_name"))])
     return labels
+
+
+def group_order(settings):
+    """Groups without an arm by nu, then arms by label (A2 before A10)."""
+    values = dict(settings)
+    try:
+        nu = float(values.get("nu", 0))
+    except ValueError:
+        nu = math.inf
+    return ("arm" in values, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", values.get("arm", ""))], nu, settings)
 
 
 def smooth(values, window):
@@ -205,7 +235,7 @@ if __name__ == "__main__":
     tables = {metric: [] for metric in metrics}
     noted = set()
     for env in sorted(groups):
-        settings_list = sorted(groups[env], key=lambda settings: (float(dict(settings).get("nu", 0)), settings))
+        settings_list = sorted(groups[env], key=group_order)
         labels = curve_labels(settings_list)
         for metric in metrics:
             figure, axes = plt.subplots(figsize=(6.4, 4.2))

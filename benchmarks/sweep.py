@@ -1,23 +1,32 @@
-"""Run a grid of MAIPG runs (envs x nu x seeds of one script), several at once on this machine, or write a Slurm array.
+"""Run a grid of MAIPG runs (envs x nu values or named arms x seeds of one script), several at once on this machine, or
+write a Slurm array.
 
     python benchmarks/sweep.py --script maipg_mpe.py --envs spread line formation --nu 0 0.05 --seeds 1 2 3 \\
         --out benchmarks/out/mpe -- --total-timesteps 1000000
     python benchmarks/sweep.py --script maipg_smac.py --envs 3m 2s3z --nu 0 0.05 --seeds 1 2 3 --out benchmarks/out/smax
+    python benchmarks/sweep.py --script maipg_mpe.py --envs spread --arm "A0=--nu 0" --arm "A1=--nu 0.05" \\
+        --arm "A2=--nu 0.05 --mixer vdn" --seeds 1 2 3 --out benchmarks/out/study   # a study: one arm per setting
     python benchmarks/sweep.py ... --slurm --slurm-option=--time=24:00:00     # writes OUT/sweep.sbatch, runs nothing
     python benchmarks/plot.py benchmarks/out/mpe                               # curves and table of the finished runs
 
 Everything after `--` is passed unchanged to every run. The flag naming the env comes from the script
 (maipg_mpe.py --task, maipg_smac.py --map, maipg_grf.py --scenario, maipg_continuous.py --env; --env-flag for others).
 
-Each run has its own folder OUT/{script}/{env}/nu{nu}__seed{seed}/ and runs there (so its runs/ lands there) with --nu
-{nu} --exp-name {script}_nu{nu}, nu spelled as given (0.050 stays 0.050; of two spellings of one value, the first
-runs); its stdout and stderr go to log.txt in that folder. Only after the script exits 0 is a `done` file written
-there (atomically, holding the run's flags): a later sweep over the same OUT skips runs that have it, and reruns, from
-a clean folder, runs that do not. A `done` run whose flags differ from the requested ones is an error (use another
---out). With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four maipg_*.py scripts,
+The settings compared are either a --nu grid (default 0 0.05) or named arms, not both: --arm LABEL=FLAGS (repeatable)
+adds FLAGS (one shell-quoted string, e.g. "--nu 0.05 --mixer vdn"; empty for the script's defaults) to the runs of arm
+LABEL, so an arm that wants a nu gives it in its flags. A label is letters, digits, '.', '_' and '-'; labels must
+differ (also in case), so must the arms' flags, and an arm must not set what the sweep sets (the env flag, --seed,
+--exp-name) nor what the flags after `--` set.
+
+Each run has its own folder OUT/{script}/{env}/{name}__seed{seed}/ and runs there (so its runs/ lands there) with
+--exp-name {script}_{name}, where name is nu{nu} for a nu (spelled as given: 0.050 stays 0.050; of two spellings of
+one value, the first runs; passed as --nu {nu}) or the arm's label; its stdout and stderr go to log.txt in that folder.
+Only after the script exits 0 is a `done` file written there (atomically, holding the run's flags and its nu or arm,
+which plot.py groups and labels by): a later sweep over the same OUT skips runs that have it, and reruns, from a clean
+folder, runs that do not. A `done` run whose flags differ from the requested ones is an error (use another --out).
+With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four maipg_*.py scripts,
 --num-workers for maipg_grf.py's env processes) = max(1, C // min(J, runs to do)), so that the runs fill the cores
-without oversubscribing them.
-Failed runs are listed at the end, with the tail of their logs, and the exit status is 1.
+without oversubscribing them. Failed runs are listed at the end, with the tail of their logs, and the exit status is 1.
 """
 
 import argparse
@@ -53,8 +62,39 @@ def safe_name(text):
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
+def options(flags):
+    return {flag.split("=")[0] for flag in flags if flag.startswith("-")}
+
+
+def parse_arms(specs, reserved, extra):
+    """{label: flags} from --arm LABEL=FLAGS, or one line and exit 2 for a bad arm."""
+    arms = {}
+    for spec in specs:
+        label, sep, text = spec.partition("=")
+        if not sep:
+            fail(f'--arm: expected LABEL=FLAGS, e.g. --arm "A1=--nu 0.05", got {spec!r}')
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
+            fail(f"--arm: a label is letters, digits, '.', '_' and '-', starting with a letter or digit; got {label!r}")
+        if label.lower() in map(str.lower, arms):  # lower: A1 and a1 would share a folder on macOS
+            fail(f"--arm {label}: that label is given twice")
+        try:
+            flags = shlex.split(text)
+        except ValueError as error:
+            fail(f"--arm {label}: its flags do not split like a shell line ({error})")
+        if flags and not flags[0].startswith("-"):
+            fail(f"--arm {label}: its flags must start with an option such as --nu, got {flags[0]!r}")
+        for taken, why in ((reserved, "the sweep sets it"), (options(extra), "the flags after -- set it for every run")):
+            if options(flags) & taken:
+                fail(f"--arm {label}: must not set {' '.join(sorted(options(flags) & taken))}: {why}")
+        same = [other for other, other_flags in arms.items() if other_flags == flags]
+        if same:
+            fail(f"--arm {label}: the same flags as --arm {same[0]}")
+        arms[label] = flags
+    return arms
+
+
 def make_runs(args, extra):
-    """The grid, seed-major (a sweep cut short still has every env and nu at the first seeds), as dicts."""
+    """The grid, seed-major (a sweep cut short still has every env and nu or arm at the first seeds), as dicts."""
     script_path = args.script if os.path.isfile(args.script) else os.path.join(ROOT, args.script)
     if not os.path.isfile(script_path):
         fail(f"--script: {args.script} not found (here or in {ROOT})")
@@ -63,27 +103,35 @@ def make_runs(args, extra):
     env_flag = args.env_flag or ENV_FLAGS.get(script)
     if env_flag is None:
         fail(f"--env-flag: needed for {script} (known scripts: {', '.join(ENV_FLAGS)})")
-    for flag in extra:
-        if flag.split("=")[0] in {env_flag, "--nu", "--seed", "--exp-name", "--exp_name"}:
-            fail(f"the flags after -- must not set {flag.split('=')[0]}: the sweep sets it (use --envs, --nu, --seeds)")
-    bad = [nu for nu in args.nu if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", nu)]
-    if bad:
-        fail(f"--nu: expected numbers such as 0 or 0.05, got {' '.join(bad)}")
-    nus = {}  # as spelled (0.050 stays 0.050, in the folder names and the flags); a value given twice runs once
-    for nu in args.nu:
-        nus.setdefault(float(nu), nu)
+    reserved = {env_flag, "--seed", "--exp-name", "--exp_name"}
+    taken = options(extra) & (reserved | (set() if args.arm else {"--nu"}))
+    if taken:
+        fail(f"the flags after -- must not set {' '.join(sorted(taken))}: the sweep sets it (use --envs, --nu, --seeds)")
     stem = script[: -len(".py")]
+    if args.arm:  # (key, value, name in folders and --exp-name, flags before --seed, flags after --exp-name)
+        if args.nu is not None:
+            fail('--nu: not with --arm; give nu in the arms\' flags, e.g. --arm "A1=--nu 0.05"')
+        settings = [("arm", label, label, [], flags) for label, flags in parse_arms(args.arm, reserved, extra).items()]
+    else:
+        given = args.nu or ["0", "0.05"]
+        bad = [nu for nu in given if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", nu)]
+        if bad:
+            fail(f"--nu: expected numbers such as 0 or 0.05, got {' '.join(bad)}")
+        nus = {}  # as spelled (0.050 stays 0.050, in the folder names and the flags); a value given twice runs once
+        for nu in given:
+            nus.setdefault(float(nu), nu)
+        settings = [("nu", nu, f"nu{nu}", ["--nu", nu], []) for nu in nus.values()]
     runs = []
     for seed in dict.fromkeys(args.seeds):  # dict.fromkeys: each value once, in the given order
         for env in dict.fromkeys(args.envs):
-            for nu in nus.values():
-                flags = [env_flag, env, "--nu", nu, "--seed", str(seed), "--exp-name", f"{stem}_nu{nu}", *extra]
-                folder = os.path.join(os.path.abspath(args.out), safe_name(stem), safe_name(env), f"nu{nu}__seed{seed}")
+            for key, value, name, before, after in settings:
+                flags = [env_flag, env, *before, "--seed", str(seed), "--exp-name", f"{stem}_{name}", *after, *extra]
+                folder = os.path.join(os.path.abspath(args.out), safe_name(stem), safe_name(env), f"{name}__seed{seed}")
                 runs.append(
                     {
                         "script": script,
                         "env": env,
-                        "nu": nu,
+                        key: value,
                         "seed": seed,
                         "flags": flags,
                         "folder": folder,
@@ -109,7 +157,7 @@ def is_done(run):
 
 
 def done_record(run):
-    return json.dumps({key: run[key] for key in ("script", "env", "nu", "seed", "flags", "command")})
+    return json.dumps({key: run[key] for key in ("script", "env", "nu", "arm", "seed", "flags", "command") if key in run})
 
 
 def write_done(run):
@@ -120,7 +168,8 @@ def write_done(run):
 
 
 def describe(run):
-    return f"{run['script']} {run['env']} nu={run['nu']} seed={run['seed']}"
+    setting = f"arm={run['arm']}" if "arm" in run else f"nu={run['nu']}"
+    return f"{run['script']} {run['env']} {setting} seed={run['seed']}"
 
 
 def log_tail(run, lines=5):
@@ -220,7 +269,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--env-flag", help="the script's flag naming the env, e.g. --env-flag=--task (known for the maipg_*.py scripts)"
     )
-    parser.add_argument("--nu", nargs="+", default=["0", "0.05"], help="the nu values (default: 0 0.05)")
+    parser.add_argument("--nu", nargs="+", help="the nu values (default: 0 0.05); not with --arm")
+    arm_help = 'a named setting, repeatable: its label and its flags, e.g. --arm "A0=--nu 0" --arm "A2=--nu 0.05 --mixer vdn"'
+    parser.add_argument("--arm", action="append", metavar="LABEL=FLAGS", help=arm_help)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="the seeds (default: 1 2 3)")
     parser.add_argument("--out", required=True, help="the sweep's folder: one subfolder per run")
     parser.add_argument("--jobs", type=int, default=available_cores(), help="runs at once (default: the number of cores)")

@@ -142,6 +142,53 @@ def test_slurm_array_tasks_run_like_local_runs(tmp_path):
     assert "--seed 2" in result.stdout and "--seed 1" not in result.stdout
 
 
+def test_sweep_runs_named_arms_into_one_folder(tmp_path):
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    out = str(tmp_path / "study")
+    arms = ["--arm", "A0=", "--arm", "A2=--nu 0.05 --mix 'a b'", "--arm=big-1.x=--nu=1"]
+    grid = ["--script", str(script), "--env-flag=--level", "--envs", "a", *arms, "--seeds", "1", "--out", out]
+    result = run(SWEEP, [*grid, "--jobs", "1", "--", "--extra", "x"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started  stand_in.py a arm=A2 seed=1" in result.stdout
+    expected = {
+        "A0": [],
+        "A2": ["--nu", "0.05", "--mix", "a b"],
+        "big-1.x": ["--nu=1"],
+    }
+    for arm, flags in expected.items():
+        folder = os.path.join(out, "stand_in", "a", f"{arm}__seed1")
+        argv = ["--level", "a", "--seed", "1", "--exp-name", f"stand_in_{arm}", *flags, "--extra", "x"]
+        assert json.load(open(os.path.join(folder, "seen.json")))["argv"] == argv
+        record = json.load(open(os.path.join(folder, "done")))
+        assert record["arm"] == arm and record["flags"] == argv and "nu" not in record
+    result = run(SWEEP, [*grid, "--dry-run", "--", "--extra", "x"])
+    assert result.returncode == 0 and "3 runs in the grid, 3 already done, 0 to do" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "arms, message",
+    [
+        (["--arm", "A1"], "--arm: expected LABEL=FLAGS"),
+        (["--arm", "=--nu 0"], "--arm: a label is letters"),
+        (["--arm", "A/1=--nu 0"], "--arm: a label is letters"),
+        (["--arm", "A1=--nu 0", "--arm", "a1=--nu 0.1"], "--arm a1: that label is given twice"),
+        (["--arm", "A1=nu 0"], "--arm A1: its flags must start with an option"),
+        (["--arm", "A1=--mixer 'vdn"], "--arm A1: its flags do not split"),
+        (["--arm", "A1=--seed 3"], "--arm A1: must not set --seed: the sweep sets it"),
+        (["--arm", "A1=--task line"], "--arm A1: must not set --task"),
+        (["--arm", "A1=--ent-coef 0", "--", "--ent-coef", "0.1"], "--arm A1: must not set --ent-coef: the flags after --"),
+        (["--arm", "A1=--nu 0", "--arm", "A2=--nu 0"], "--arm A2: the same flags as --arm A1"),
+        (["--arm", "A1=--nu 0", "--nu", "0"], "--nu: not with --arm"),
+    ],
+)
+def test_sweep_bad_arms_are_one_line(arms, message, tmp_path):
+    result = run(SWEEP, ["--script", "maipg_mpe.py", "--envs", "spread", "--out", "o", *arms], cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -160,7 +207,7 @@ def test_sweep_bad_input_is_one_line(args, message, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-def write_run(folder, task, nu, seed, steps, done=True, **more):
+def write_run(folder, task, nu, seed, steps, done=True, record=None, **more):
     """A run folder as sweep.py leaves it, with the hyperparameters text and scalars the scripts log."""
     writer = SummaryWriter(os.path.join(folder, "runs", f"{task}__maipg_mpe_nu{nu}__{seed}__0"))
     hyperparameters = {"exp_name": f"maipg_mpe_nu{nu}", "seed": seed, "task": task, "nu": float(nu), "num_agents": 3, **more}
@@ -170,7 +217,8 @@ def write_run(folder, task, nu, seed, steps, done=True, **more):
         writer.add_scalar("diagnostics/rvar", 0.5, step)
     writer.close()
     if done:
-        open(os.path.join(folder, "done"), "w").close()
+        with open(os.path.join(folder, "done"), "w") as f:
+            f.write(json.dumps(record) if record else "")
 
 
 def test_plot_groups_seeds_aligns_steps_and_tabulates_final_values(tmp_path):
@@ -236,3 +284,15 @@ def test_plot_compares_seeds_at_a_common_step_ignores_threads_and_has_no_spread_
     assert rows == ["| spread | nu=0 (MAPPO) | 3 | 1000 | 25.5 ± 10 |\n", "| spread | nu=0.05 | 1 | 2000 | 25.5 ± n/a |\n"]
     assert "of seed 1, 2 goes past step 1000, where seed 3 stops" in result.stderr
     assert "sample standard deviation (ddof = 1)" in open(tmp_path / "plots" / "results.md").read()
+
+
+def test_plot_groups_and_labels_runs_by_arm(tmp_path):
+    for seed in (1, 2):
+        # two arms of the same settings (the exp_name aside) stay apart; a run without an arm comes first
+        for arm in ("A10", "A2"):
+            write_run(str(tmp_path / f"{arm}__seed{seed}"), "spread", "0.05", seed, range(100, 1100, 100), record={"arm": arm})
+        write_run(str(tmp_path / f"nu0__seed{seed}"), "spread", "0", seed, range(100, 1100, 100), record={"nu": "0"})
+    result = run(PLOT, [str(tmp_path), "--out", str(tmp_path / "plots"), "--metrics", "eval/episodic_return"])
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ")[1:3] for line in open(tmp_path / "plots" / "results.md") if line.startswith("| spread")]
+    assert rows == [["nu=0 (MAPPO)", "2"], ["A2", "2"], ["A10", "2"]]
