@@ -932,7 +932,8 @@ if __name__ == "__main__":
                 soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
+                q_tot_mean = weighted_mean(q_tot, mb["valid"])  # over real steps, not the last chunk's padding
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot_mean}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates

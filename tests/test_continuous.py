@@ -38,11 +38,32 @@ def saved_model(cwd):
     return path
 
 
+def scalars(cwd):
+    """The run's TensorBoard scalars: {tag: [one value per update]}"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [scalar.value for scalar in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+LOGGED = {"charts/SPS", "charts/learning_rate", "charts/q_tot_mean", "charts/episodic_return", "charts/episodic_length"}
+LOGGED |= {f"losses/{name}" for name in ("policy_loss", "dpg_loss", "value_loss", "q_loss", "entropy", "approx_kl")}
+LOGGED |= {"losses/clipfrac", "losses/explained_variance", "diagnostics/rvar", "eval/episodic_return"}
+
+
+def assert_logged_and_finite(cwd, expected):
+    logged = scalars(cwd)
+    assert expected <= set(logged), expected - set(logged)
+    assert all(len(values) == 1 and np.isfinite(values).all() for values in logged.values()), logged  # 1 update
+
+
 @pytest.mark.parametrize("robot, conf", [("HalfCheetah", "2x3"), ("Hopper", "3x1"), ("Humanoid", "9|8")])
 def test_smoke_then_eval_only(robot, conf, tmp_path):
     result = run(["--env", robot, "--agent-conf", conf, "--eval-interval", "1", "--save-model", *TINY], tmp_path)
     assert "update 1/1" in result.stdout and "env stepping took" in result.stdout
-    assert glob.glob(os.path.join(tmp_path, "runs", "*", "events.out.tfevents.*"))
+    assert_logged_and_finite(tmp_path, LOGGED)
     checkpoint = torch.load(saved_model(tmp_path), weights_only=True)
     assert {"args", "actor", "critic", "agent_q", "mixer", "value_norm"} <= set(checkpoint)
     assert checkpoint["value_norm"]["debiasing_term"] > 0
@@ -58,10 +79,46 @@ def test_video_or_one_line_without_opengl(tmp_path):
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("--capture-video")]
     assert "cannot render with MUJOCO_GL=glfw" in line and "Traceback" not in result.stderr
     assert "update 1/1" in result.stdout
+    assert_logged_and_finite(tmp_path, LOGGED | {"diagnostics/grad_var"})
     result = run(["--eval-only", saved_model(tmp_path), "--capture-video"], tmp_path, MUJOCO_GL="egl")
     if "--capture-video: MuJoCo cannot render" in result.stderr:
         pytest.skip("no EGL here (apt-get install libegl1 libgl1-mesa-dri)")
     assert "video:" in result.stdout and glob.glob(os.path.join(tmp_path, "videos", "*.gif"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training loop's bookkeeping: lr 0 runs on Humanoid 9|8 (obs 242 and 170, actions 9 and 8), 25 steps per rollout
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lr_zero_runs(tmp_path_factory):
+    """Two updates with --learning-rate 0, in chunks of 10 (the last padded by 5 steps) and of 25 (no padding)."""
+    logged = {}
+    for chunk_len in (10, 25):
+        cwd = tmp_path_factory.mktemp(f"chunk_len_{chunk_len}")
+        flags = ["--env", "Humanoid", "--agent-conf", "9|8", "--num-steps", "25", "--chunk-len", str(chunk_len)]
+        flags += ["--total-timesteps", "100", "--update-epochs", "2", "--learning-rate", "0", "--eval-interval", "0"]
+        run([*TINY, *flags], cwd)  # the last of a repeated flag wins
+        logged[chunk_len] = scalars(cwd)
+    return logged
+
+
+def test_learning_rate_zero_gives_exactly_zero_kl_and_clipfrac(lr_zero_runs):
+    """With lr 0 the policy never moves, so the training pass must give back the rollout's log-probabilities bit for
+    bit: any slip in the chunks, the hidden states entering them, the padding or the minibatch indexing, or in the
+    hidden states carried over to the second update, shows as approx_kl or clipfrac != 0."""
+    for logged in lr_zero_runs.values():
+        assert logged["losses/approx_kl"] == [0.0, 0.0] and logged["losses/clipfrac"] == [0.0, 0.0]
+
+
+def test_chunk_padding_carries_no_weight_in_the_training_loop(lr_zero_runs):
+    """The first update sees the same rollout in both runs (lr 0; the chunking changes only the training pass, and the
+    random numbers from the second rollout on), so every loss must agree: padded steps entering any of them (they did
+    in charts/q_tot_mean) would move it by ~1/6."""
+    padded, unpadded = lr_zero_runs[10], lr_zero_runs[25]
+    for tag in [tag for tag in padded if tag.startswith("losses/")] + ["charts/q_tot_mean"]:
+        np.testing.assert_allclose(padded[tag][0], unpadded[tag][0], rtol=1e-5, atol=1e-5, err_msg=tag)
+    # the padded action dimension of agent 1 carries no entropy: log_std = 0 gives 0.5 + 0.5 ln(2 pi) per real dimension
+    np.testing.assert_allclose(padded["losses/entropy"], (9 + 8) / 2 * (0.5 + 0.5 * np.log(2 * np.pi)), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
