@@ -359,7 +359,8 @@ class AgentQ(nn.Module):
     """Q_psi_i(s, a_i): the critic's trunk (App. D), with the action joining after the GRU. The recurrence never sees
     actions, so one trunk pass serves Q_i at the actions taken, at mu(o) and at sampled actions. Q_i sees the action the
     env executes, clipped to its bounds act_low, act_high [N, act_dim] (0 on padded dimensions): the Gaussian's samples
-    and mean are unbounded, and a Q of unclipped actions would value, and L_dpg push along, moves the env never makes."""
+    and mean are unbounded, and Q_i of an unclipped action would value a move the env never makes (and L_dpg push mu
+    along it)."""
 
     def __init__(self, input_dim, act_dim, hidden_dim, recurrent, act_low, act_high):
         super().__init__()

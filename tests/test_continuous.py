@@ -1,5 +1,6 @@
-"""maipg_continuous.py: smoke runs on Multi-Agent MuJoCo (equal, unequal observation and unequal action sizes), save then
---eval-only, videos, the padded action dimensions, the dpg gradient, the time-limit bootstrap, nu = 0 being MAPPO, bad
+"""maipg_continuous.py: smoke runs on Multi-Agent MuJoCo (equal, unequal observation and unequal action sizes) and their
+logged scalars, save then --eval-only, videos, the training loop's chunks and padding (lr 0 runs), per-env seeds, the
+padded action dimensions, Q of the clipped action, the dpg gradient, the time-limit bootstrap, nu = 0 being MAPPO, bad
 input and the NaN stop."""
 
 import glob
