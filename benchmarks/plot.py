@@ -8,9 +8,9 @@ Every run folder under FOLDER (any depth) is read with tensorboard's event reade
 it finished (the `done` file two levels up, in the folder it ran in), or with --include-unfinished. Seeds are grouped
 by the run's own hyperparameters (the "hyperparameters" text each script logs) and its sweep.py arm (the label its
 `done` record holds, for sweeps with --arm): runs with the same env, arm and settings but the seed are one group;
-settings that change only speed or bookkeeping (torch_threads, GRF's num_workers, checkpoint_interval, resume; see
-NOT_SETTINGS) do not split a group. Curves and table rows are labelled by the arm (arms in label order, after the
-runs without one), else by the settings that differ between an env's groups (nu first).
+settings that change only speed or bookkeeping (torch_threads, GRF's num_workers and env_timeout, checkpoint_interval,
+resume; see NOT_SETTINGS) do not split a group. Curves and table rows are labelled by the arm (arms in label order,
+after the runs without one), else by the settings that differ between an env's groups (nu first).
 
 Writes, into --out (default FOLDER/plots; each file atomically):
 - {env}__{metric}.png: per group, the mean across seeds and a band of one sample standard deviation (ddof 1; no band
@@ -47,17 +47,19 @@ DEFAULT_METRICS = [
     "diagnostics/grad_var",
 ]
 ENV_KEYS = ("task", "map", "scenario", "env")  # the flag naming the env in each maipg_*.py script
-# Hyperparameters that do not change what a run learns (only where, how fast, or what else it writes), and the seed that
-# groups average over. torch_threads (sweep.py sets it per run from the cores free) and GRF's num_workers (its envs are
-# seeded per env, not per worker) change only the speed; checkpoint_interval and resume only when checkpoints are written
-# and where a run continued from. Left as settings on purpose: eval_interval and eval_episodes (they change what "final"
-# measures), env_backend (another simulator), log_grad_var and joint_q_diagnostic (extra diagnostics, extra metrics).
+# Hyperparameters that do not change what a run learns (only where, how fast, or what else it writes), and the seed
+# that groups average over. torch_threads (sweep.py sets it per run from the cores free) and GRF's num_workers (its
+# envs are seeded per env, not per worker) change only the speed; GRF's env_timeout only how long a hung env process
+# is waited for; checkpoint_interval and resume only when checkpoints are written and where a run continued from. Left
+# as settings on purpose: eval_interval and eval_episodes (they change what "final" measures), env_backend (another
+# simulator), log_grad_var and joint_q_diagnostic (extra diagnostics, extra metrics).
 NOT_SETTINGS = {
     "seed",
     "torch_deterministic",
     "cuda",
     "torch_threads",
     "num_workers",
+    "env_timeout",
     "checkpoint_interval",
     "resume",
     "track",

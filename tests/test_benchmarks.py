@@ -272,10 +272,11 @@ def test_plot_log_y_changes_only_its_metrics_and_rejects_unplotted_ones(tmp_path
 
 
 def test_plot_compares_seeds_at_a_common_step_ignores_threads_and_has_no_spread_for_one_seed(tmp_path):
-    write_run(str(tmp_path / "nu0__seed1"), "spread", "0", 1, range(100, 2100, 100), torch_threads=1)
-    write_run(str(tmp_path / "nu0__seed2"), "spread", "0", 2, range(100, 2100, 100), torch_threads=2, num_workers=4)
+    steps = range(100, 2100, 100)
+    write_run(str(tmp_path / "nu0__seed1"), "spread", "0", 1, steps, torch_threads=1)
+    write_run(str(tmp_path / "nu0__seed2"), "spread", "0", 2, steps, torch_threads=2, num_workers=4, env_timeout=60.0)
     write_run(str(tmp_path / "nu0__seed3"), "spread", "0", 3, range(100, 1100, 100), torch_threads=1)  # cut short
-    write_run(str(tmp_path / "nu0.05__seed1"), "spread", "0.05", 1, range(100, 2100, 100))
+    write_run(str(tmp_path / "nu0.05__seed1"), "spread", "0.05", 1, steps)
     result = run(PLOT, [str(tmp_path), "--out", str(tmp_path / "plots"), "--metrics", "eval/episodic_return"])
     assert result.returncode == 0, result.stderr
     rows = [line for line in open(tmp_path / "plots" / "results.md") if line.startswith("| spread")]
