@@ -214,12 +214,13 @@ def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> n
 class NumpyMPE:
     """All envs of one MPE task stepped together as arrays (a batched port of mpe2).
 
-    Env i draws its initial states from np.random.default_rng(seed + i), the generator mpe2 builds in
-    `env.reset(seed=seed + i)`, and in mpe2's order, so both give the same episodes. An env whose episode ends
+    Env i draws its initial states from np.random.default_rng(seeds[i]), the generator mpe2 builds in
+    `env.reset(seed=seeds[i])`, and in mpe2's order, so both give the same episodes. An env whose episode ends
     (after 25 steps) is reset inside `step`: its returned obs is the first obs of its next episode.
     """
 
-    def __init__(self, task: str, num_envs: int, num_agents: int, seed: int, continuous_actions: bool = False):
+    def __init__(self, task: str, num_agents: int, seeds: list[int], continuous_actions: bool = False):
+        num_envs = len(seeds)
         self.task, self.num_envs, self.num_agents = task, num_envs, num_agents
         self.continuous_actions = continuous_actions
         _, self.agent_size, self.local_ratio = MPE_TASKS[task]
@@ -228,7 +229,7 @@ class NumpyMPE:
         self.num_landmarks = {"spread": num_agents, "line": 2, "formation": 1}[task]
         # obs = [own vel, own pos, landmark positions, (spread:) other agents' positions and their (silent, zero) comms]
         self.obs_dim = 4 + 2 * self.num_landmarks + (4 * (num_agents - 1) if task == "spread" else 0)
-        self.rngs = [np.random.default_rng(seed + i) for i in range(num_envs)]
+        self.rngs = [np.random.default_rng(seed) for seed in seeds]
         # others[i] = the agents other than i, in order (spread's observation)
         self.others = np.array([[j for j in range(num_agents) if j != i] for i in range(num_agents)])  # [N, N-1]
         # line / formation: all N! matchings, scored at once where that beats scipy's per-env loop (N <= 5)
@@ -347,7 +348,7 @@ class NumpyMPE:
 class MPE2Envs:
     """The real mpe2 package: one mpe2 parallel_env per env, stepped in a Python loop; same API as NumpyMPE."""
 
-    def __init__(self, task, num_envs, num_agents, seed, continuous_actions=False, render_mode=None):
+    def __init__(self, task, num_agents, seeds, continuous_actions=False, render_mode=None):
         module = importlib.import_module(f"mpe2.{MPE_TASKS[task][0]}")
         kwargs = {"local_ratio": MPE_TASKS[task][2]} if task == "spread" else {}  # line / formation fix theirs to 0
         self.envs = [
@@ -358,10 +359,10 @@ class MPE2Envs:
                 render_mode=render_mode,
                 **kwargs,
             )
-            for _ in range(num_envs)
+            for _ in seeds
         ]
         self.agents = self.envs[0].possible_agents
-        self.num_envs, self.num_agents, self.seed = num_envs, num_agents, seed
+        self.num_envs, self.num_agents, self.seeds = len(seeds), num_agents, seeds
         self.continuous_actions = continuous_actions
         self.obs_dim = self.envs[0].observation_space(self.agents[0]).shape[0]
         action_space = self.envs[0].action_space(self.agents[0])
@@ -373,8 +374,8 @@ class MPE2Envs:
         return np.stack([obs[agent] for agent in self.agents])  # [N, obs_dim]
 
     def reset(self) -> np.ndarray:
-        # env i is seeded with seed + i on the first reset only; later resets continue its generator
-        seeds = [None] * self.num_envs if self.seeded else [int(self.seed) + i for i in range(self.num_envs)]
+        # env i is seeded with seeds[i] on the first reset only; later resets continue its generator
+        seeds = [None] * self.num_envs if self.seeded else self.seeds
         self.seeded = True
         return np.stack([self._stack(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
 
@@ -735,11 +736,20 @@ def evaluate(actor, envs, hidden_dim, device, frames=None):
     return returns
 
 
-def make_envs(args, num_envs, seed, render_mode=None):
+def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
+    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
+    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
+    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
+    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
+    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
+def make_envs(args, seeds, render_mode=None):
+    """One env per seed (see env_seeds): the NumPy port, or mpe2 when asked for or rendering."""
     if args.env_backend == "mpe2" or render_mode is not None:
         require("mpe2", "pip install mpe2==1.1.1", "--env-backend mpe2" if render_mode is None else "--capture-video")
-        return MPE2Envs(args.task, num_envs, args.num_agents, seed, render_mode=render_mode)
-    return NumpyMPE(args.task, num_envs, args.num_agents, seed)
+        return MPE2Envs(args.task, args.num_agents, seeds, render_mode=render_mode)
+    return NumpyMPE(args.task, args.num_agents, seeds)
 
 
 def save_gif(frames, path):
@@ -767,7 +777,7 @@ if __name__ == "__main__":
     if args.eval_only is not None:
         checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "env_backend": args.env_backend})
-        envs = make_envs(saved, args.eval_episodes, args.seed)
+        envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
         actor = Actor(envs.obs_dim + saved.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
         actor.load_state_dict(checkpoint["actor"])
         returns = evaluate(actor, envs, saved.hidden_dim, device)
@@ -777,7 +787,7 @@ if __name__ == "__main__":
         )
         if args.capture_video:
             frames = []
-            evaluate(actor, make_envs(saved, 1, args.seed, render_mode="rgb_array"), saved.hidden_dim, device, frames)
+            evaluate(actor, make_envs(saved, env_seeds(args.seed, "video", 1), "rgb_array"), saved.hidden_dim, device, frames)
             print("video:", save_gif(frames, f"videos/{os.path.basename(args.eval_only)}.gif"))
         sys.exit(0)
 
@@ -799,8 +809,8 @@ if __name__ == "__main__":
     )
 
     # env setup: the mixer state of MPE is the concatenation of all agents' observations (App. D)
-    envs = make_envs(args, args.num_envs, args.seed)
-    eval_envs = make_envs(args, args.eval_episodes, args.seed + 100_000)
+    envs = make_envs(args, env_seeds(args.seed, "train", args.num_envs))
+    eval_envs = make_envs(args, env_seeds(args.seed, "eval", args.eval_episodes))
     E, N, A, H, T = args.num_envs, args.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim
 
@@ -1032,7 +1042,7 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", eval_return, global_step)
             if args.capture_video:
                 frames = []
-                evaluate(actor, make_envs(args, 1, args.seed + update, render_mode="rgb_array"), H, device, frames)
+                evaluate(actor, make_envs(args, env_seeds(args.seed, "video", 1), "rgb_array"), H, device, frames)
                 save_gif(frames, f"videos/{run_name}/update_{update}.gif")
 
         if time.time() - last_print > 10 or update == args.num_updates:

@@ -391,13 +391,13 @@ def sc2_worker(remote, parent_remote, env_factory):
 class Sc2Envs:
     """SMAC on StarCraft II: one worker process per env (each runs its own game), stepped together over pipes."""
 
-    def __init__(self, map_name: str, num_envs: int, seed: int, env_factory=make_starcraft2_env):
+    def __init__(self, map_name: str, seeds: list[int], env_factory=make_starcraft2_env):
         ctx = mp.get_context()  # the platform's default (fork on Linux, as MAPPO's workers); spawn works as well
+        num_envs = len(seeds)
         self.remotes, work_remotes = zip(*[ctx.Pipe() for _ in range(num_envs)], strict=True)
         self.processes = []
-        for i, (remote, work_remote) in enumerate(zip(self.remotes, work_remotes, strict=True)):
-            # env i's seed as MAPPO's train_smac.py gives it
-            factory = functools.partial(env_factory, map_name=map_name, seed=seed + 1000 * i)
+        for seed, remote, work_remote in zip(seeds, self.remotes, work_remotes, strict=True):
+            factory = functools.partial(env_factory, map_name=map_name, seed=seed)
             process = ctx.Process(target=sc2_worker, args=(work_remote, remote, factory), daemon=True)
             process.start()
             self.processes.append(process)
@@ -781,11 +781,20 @@ def resolve_backend(args: Args) -> str:
     return "smax"
 
 
-def make_envs(args: Args, backend: str, num_envs: int, seed: int):
+def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
+    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
+    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
+    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
+    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
+    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
+def make_envs(args: Args, backend: str, seeds: list[int]):
+    """One env per seed (see env_seeds). SMAX's envs share one JAX key, drawn from the first seed."""
     if backend == "sc2":
-        return Sc2Envs(args.map, num_envs, seed)
+        return Sc2Envs(args.map, seeds)
     # JAX's compilation cache sits beside the runs, so that the next run skips compiling the SMAX step
-    return SmaxEnvs(args.map, num_envs, seed, os.path.abspath(os.path.join("runs", "jax_cache")))
+    return SmaxEnvs(args.map, len(seeds), seeds[0], os.path.abspath(os.path.join("runs", "jax_cache")))
 
 
 if __name__ == "__main__":
@@ -809,7 +818,7 @@ if __name__ == "__main__":
         # the backend the model was trained on, unless one is given (observation sizes differ between backends)
         backend = checkpoint["args"]["env_backend"] if args.env_backend == "auto" else args.env_backend
         saved = Args(**{**checkpoint["args"], "env_backend": backend})
-        envs = make_envs(saved, resolve_backend(saved), min(saved.num_envs, args.eval_episodes), args.seed)
+        envs = make_envs(saved, resolve_backend(saved), env_seeds(args.seed, "eval", min(saved.num_envs, args.eval_episodes)))
         actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
         actor.load_state_dict(checkpoint["actor"])
         returns, wins = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
@@ -844,8 +853,8 @@ if __name__ == "__main__":
     print(f"{args.map} ({backend}): " + ", ".join(f"{name} {value} ({source})" for name, (value, source) in presets.items()))
 
     # env setup: sizes come from the env (SMAC and SMAX observe differently); the mixer state is the global state
-    envs = make_envs(args, backend, args.num_envs, args.seed)
-    eval_envs = make_envs(args, backend, args.num_envs, args.seed + 100_000) if args.eval_interval > 0 else None
+    envs = make_envs(args, backend, env_seeds(args.seed, "train", args.num_envs))
+    eval_envs = make_envs(args, backend, env_seeds(args.seed, "eval", args.num_envs)) if args.eval_interval > 0 else None
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, envs.state_dim
 

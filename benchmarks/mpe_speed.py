@@ -56,7 +56,7 @@ if __name__ == "__main__":
     for task in ("spread", "line", "formation"):
         rates = [
             env_steps_per_second(
-                lambda cls=cls, task=task: cls(task, args.num_envs, args.num_agents, 0), args.num_envs, args.seconds
+                lambda cls=cls, task=task: cls(task, args.num_agents, list(range(args.num_envs))), args.num_envs, args.seconds
             )
             for cls in (maipg_mpe.NumpyMPE, maipg_mpe.MPE2Envs)
         ]

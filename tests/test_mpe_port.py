@@ -1,7 +1,7 @@
 """maipg_mpe.NumpyMPE (the batched NumPy port) against maipg_mpe.MPE2Envs (the real mpe2 package).
 
-Exact seed match, no copying of states: env i of both is seeded with seed + i (mpe2: `reset(seed=seed + i)`, then
-plain resets; the port: np.random.default_rng(seed + i), the generator mpe2 builds, drawn from in mpe2's order).
+Exact seed match, no copying of states: env i of both is seeded with seeds[i] (mpe2: `reset(seed=seeds[i])`, then
+plain resets; the port: np.random.default_rng(seeds[i]), the generator mpe2 builds, drawn from in mpe2's order).
 Both are then driven with the same random actions for more than 3 episodes, across the same-step auto-resets, and
 must agree on every observation, reward and done to 1e-6.
 """
@@ -27,8 +27,12 @@ def random_actions(rng, num_agents, continuous_actions):
     [("spread", 5), ("line", 5), ("formation", 5), ("line", 3), ("formation", 6)],
 )
 def test_port_matches_mpe2(task, num_agents, continuous_actions):
-    port = maipg_mpe.NumpyMPE(task, NUM_ENVS, num_agents, seed=11, continuous_actions=continuous_actions)
-    real = maipg_mpe.MPE2Envs(task, NUM_ENVS, num_agents, seed=11, continuous_actions=continuous_actions)
+    port = maipg_mpe.NumpyMPE(
+        task, num_agents, maipg_mpe.env_seeds(11, "train", NUM_ENVS), continuous_actions=continuous_actions
+    )
+    real = maipg_mpe.MPE2Envs(
+        task, num_agents, maipg_mpe.env_seeds(11, "train", NUM_ENVS), continuous_actions=continuous_actions
+    )
     port_obs, real_obs = port.reset(), real.reset()
     assert port_obs.shape == (NUM_ENVS, num_agents, port.obs_dim) and port_obs.dtype == np.float32
     np.testing.assert_allclose(port_obs, real_obs, rtol=0, atol=1e-6)
@@ -54,17 +58,28 @@ def test_port_matches_mpe2(task, num_agents, continuous_actions):
 
 @pytest.mark.parametrize("task", ["spread", "line", "formation"])
 def test_seed_sets_initial_state(task):
-    first = maipg_mpe.NumpyMPE(task, 2, 5, seed=0).reset()
-    assert np.array_equal(first, maipg_mpe.NumpyMPE(task, 2, 5, seed=0).reset())
-    assert not np.allclose(first, maipg_mpe.NumpyMPE(task, 2, 5, seed=1).reset())
-    assert not np.allclose(first[0], first[1])  # env i is seeded with seed + i
+    first = maipg_mpe.NumpyMPE(task, 5, [0, 1]).reset()
+    assert np.array_equal(first, maipg_mpe.NumpyMPE(task, 5, [0, 1]).reset())
+    assert not np.allclose(first[0], first[1])  # env i is seeded with seeds[i]
+
+
+@pytest.mark.parametrize("task", ["spread", "line", "formation"])
+def test_runs_of_different_seeds_and_streams_share_no_initial_state(task):
+    """With seed + i per env, --seed 1 and --seed 2 shared 127 of 128 envs (issue 14); env_seeds shares none."""
+
+    def initial_states(seed, stream):
+        obs = maipg_mpe.NumpyMPE(task, 5, maipg_mpe.env_seeds(seed, stream, 128)).reset()  # [128, 5, obs_dim]
+        return {row.tobytes() for row in obs}
+
+    train_1, train_2, eval_1 = initial_states(1, "train"), initial_states(2, "train"), initial_states(1, "eval")
+    assert len(train_1) == 128 and not train_1 & train_2 and not train_1 & eval_1
 
 
 @pytest.mark.parametrize("task", ["spread", "line", "formation"])
 def test_spaces_match_mpe2(task):
     for continuous_actions in (False, True):
-        port = maipg_mpe.NumpyMPE(task, 1, 5, seed=0, continuous_actions=continuous_actions)
-        real = maipg_mpe.MPE2Envs(task, 1, 5, seed=0, continuous_actions=continuous_actions)
+        port = maipg_mpe.NumpyMPE(task, 5, [0], continuous_actions=continuous_actions)
+        real = maipg_mpe.MPE2Envs(task, 5, [0], continuous_actions=continuous_actions)
         assert real.agents == [f"agent_{i}" for i in range(5)]
         for agent in real.agents:
             assert real.envs[0].observation_space(agent).shape == (port.obs_dim,)
@@ -79,8 +94,8 @@ def test_spaces_match_mpe2(task):
 
 
 def test_out_of_range_continuous_actions_are_clipped_as_mpe2_does():
-    port = maipg_mpe.NumpyMPE("spread", NUM_ENVS, 3, seed=3, continuous_actions=True)
-    real = maipg_mpe.MPE2Envs("spread", NUM_ENVS, 3, seed=3, continuous_actions=True)
+    port = maipg_mpe.NumpyMPE("spread", 3, maipg_mpe.env_seeds(3, "train", NUM_ENVS), continuous_actions=True)
+    real = maipg_mpe.MPE2Envs("spread", 3, maipg_mpe.env_seeds(3, "train", NUM_ENVS), continuous_actions=True)
     port.reset()
     real.reset()
     actions = np.random.default_rng(1).uniform(-1, 2, (NUM_ENVS, 3, 5)).astype(np.float32)
@@ -88,7 +103,7 @@ def test_out_of_range_continuous_actions_are_clipped_as_mpe2_does():
 
 
 def test_mpe2_render_returns_a_frame():
-    env = maipg_mpe.MPE2Envs("spread", 1, 5, seed=0, render_mode="rgb_array")
+    env = maipg_mpe.MPE2Envs("spread", 5, [0], render_mode="rgb_array")
     env.reset()
     frame = env.render()
     env.close()
