@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import imageio
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,12 @@ def saved_model(cwd):
 def test_smoke(task, backend, tmp_path):
     result = run(["--task", task, "--env-backend", backend, "--num-agents", "3", "--eval-interval", "1", *TINY], tmp_path)
     assert "update 2/2" in result.stdout and "SPS" in result.stdout
-    assert glob.glob(os.path.join(tmp_path, "runs", "*", "events.out.tfevents.*"))
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    logged = scalars(run_dir)
+    losses = {tag: values for tag, values in logged.items() if tag.startswith("losses/")}
+    assert {"losses/policy_loss", "losses/dpg_loss", "losses/value_loss", "losses/q_loss"} <= set(losses)
+    assert {"eval/episodic_return", "charts/episodic_return", "diagnostics/rvar"} <= set(logged)
+    assert all(len(values) == 2 and np.isfinite(values).all() for values in losses.values()), losses
 
 
 def scalars(run_dir):
@@ -45,6 +51,18 @@ def scalars(run_dir):
     events = EventAccumulator(run_dir)
     events.Reload()
     return {tag: [scalar.value for scalar in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("recurrent", ["--recurrent", "--no-recurrent"])
+def test_learning_rate_zero_gives_exactly_zero_kl_and_clipfrac(recurrent, tmp_path):
+    """With lr 0 the policy never moves, so the training pass must give back the rollout's log-probabilities bit for
+    bit: any slip in the chunks (25 steps in chunks of 10, the last padded), the hidden states entering them, the
+    padding or the minibatch indexing shows as approx_kl or clipfrac != 0."""
+    flags = ["--num-agents", "3", "--num-minibatches", "2", "--learning-rate", "0", "--eval-interval", "0", recurrent]
+    run([*flags, *TINY, "--total-timesteps", "225"], tmp_path)
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    logged = scalars(run_dir)
+    assert logged["losses/approx_kl"] == [0.0] * 3 and logged["losses/clipfrac"] == [0.0] * 3
 
 
 def test_logged_keys(tmp_path):

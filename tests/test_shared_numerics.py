@@ -31,6 +31,7 @@ SHARED = [
     "soft_update",
     "rvar",
     "grad_variance",
+    "env_seeds",
 ]
 DISCRETE = ["gumbel_straight_through", "dpg_loss"]
 
@@ -41,7 +42,15 @@ def script(request):
 
 
 def test_every_script_is_found():
-    assert "maipg_mpe" in SCRIPTS
+    assert SCRIPTS == ["maipg_continuous", "maipg_grf", "maipg_mpe", "maipg_smac"]
+
+
+def test_env_seeds_share_nothing_across_seeds_and_streams(script):
+    """With seed + i, --seed 1 and --seed 2 shared 127 of 128 env streams (issue 14)."""
+    train_1, train_2 = set(script.env_seeds(1, "train", 128)), set(script.env_seeds(2, "train", 128))
+    eval_1, video_1 = set(script.env_seeds(1, "eval", 128)), set(script.env_seeds(1, "video", 128))
+    assert len(train_1) == 128 and not train_1 & train_2 and not train_1 & eval_1 and not eval_1 & video_1
+    assert script.env_seeds(1, "train", 4) == script.env_seeds(1, "train", 128)[:4]  # env i's seed ignores num_envs
 
 
 @pytest.mark.parametrize("name", SHARED + DISCRETE)
@@ -190,14 +199,17 @@ def test_ppo_loss_matches_the_formula(script):
 def test_value_loss_matches_mappo(script):
     torch.manual_seed(0)
     values, old_values, targets = torch.randn(30) * 20, torch.randn(30) * 20, torch.randn(30) * 20
-    weights = torch.ones(30)
+    weights = (torch.rand(30) > 0.5).float()  # dead agents and padding carry weight 0
     got = script.value_loss(values, old_values, targets, weights, 0.2, 10.0)
 
     def huber(e, d=10.0):
         return torch.where(e.abs() <= d, e**2 / 2, d * (e.abs() - d / 2))
 
     clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
-    torch.testing.assert_close(got, torch.max(huber(targets - values), huber(targets - clipped)).mean())
+    kept = weights.bool()
+    expected = torch.max(huber(targets - values), huber(targets - clipped))[kept].mean()
+    assert 5 < kept.sum() < 25
+    torch.testing.assert_close(got, expected)
 
 
 def test_weighted_mean_ignores_masked_entries(script):
@@ -303,7 +315,26 @@ def test_dpg_loss_reaches_only_the_actor():
     q_values, _ = agent_q(critic_in, torch.zeros(2, N, H), masks)
     values, _ = critic(critic_in, torch.zeros(2, N, H), masks)
     loss = mpe.dpg_loss(mpe.gumbel_straight_through(logits), q_values, state, mixer, torch.ones(4, 2))
+    assert q_values.requires_grad and loss.requires_grad  # Q and the mixer are in the forward graph: the check can fail
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
-    for module in (critic, agent_q, mixer):
+    for module in (agent_q, mixer):
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())
+
+
+def test_dpg_loss_gradient_on_a_vdn_toy(discrete_script):
+    """On VDN, L_dpg = -mean_b sum_i <mu_i, q_i>, and the straight-through gradient with respect to the logits is
+    -(1/B) p_i * (q_i - <p_i, q_i>) with p_i the softmax of (logits + Gumbel noise): sign and scale in closed form.
+    Rows of weight 0 get no gradient."""
+    B, N, A = 6, 3, 4
+    logits = torch.randn(B, N, A, requires_grad=True)
+    q_values, weights = torch.randn(B, N, A), torch.tensor([1.0, 1, 0, 1, 1, 0])
+    torch.manual_seed(5)
+    mu = discrete_script.gumbel_straight_through(logits)
+    loss = discrete_script.dpg_loss(mu, q_values, torch.zeros(B, 1), discrete_script.VDNMixer(), weights)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.manual_seed(5)  # the same Gumbel noise, drawn as the function draws it
+    probs = torch.softmax(logits.detach() - torch.empty_like(logits).exponential_().log(), -1)
+    expected = -probs * (q_values - (probs * q_values).sum(-1, keepdim=True)) * weights[:, None, None] / weights.sum()
+    torch.testing.assert_close(loss, -((mu * q_values).sum((-1, -2)) * weights).sum() / weights.sum())
+    torch.testing.assert_close(grad, expected)

@@ -4,6 +4,7 @@ one-line errors."""
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -92,7 +93,7 @@ def fake_game(tmp_path):
 
 
 def test_sc2_workers_and_pipes_with_the_standin():
-    envs = maipg_smac.Sc2Envs("3m", 2, 0, env_factory=sc2_standin.StarCraft2Env)
+    envs = maipg_smac.Sc2Envs("3m", [0, 1], env_factory=sc2_standin.StarCraft2Env)
     try:
         assert (envs.num_agents, envs.obs_dim, envs.state_dim, envs.n_actions) == (3, 30, 48, 9)  # read from the env
         assert check_masking(envs, 200, no_op=0) > 0  # agents died and could only no-op
@@ -123,6 +124,23 @@ def test_smax_smoke_2s3z_and_auto_says_smax(smax_dir):
     )
     assert len(events.Scalars("eval/win_rate")) == 2
     assert "presets/text_summary" in events.Tags()["tensors"]
+    losses = [tag for tag in events.Tags()["scalars"] if tag.startswith("losses/")]
+    assert {"losses/policy_loss", "losses/dpg_loss", "losses/value_loss", "losses/q_loss"} <= set(losses)
+    assert all(np.isfinite([scalar.value for scalar in events.Scalars(tag)]).all() for tag in losses)
+
+
+def test_learning_rate_zero_gives_exactly_zero_kl_and_clipfrac(smax_dir):
+    """With lr 0 the training pass must give back the rollout's log-probabilities bit for bit: a slip in the chunks (25
+    steps in chunks of 10, the last padded), their start hidden states, the dead agents' masks or the minibatch indexing
+    shows as approx_kl or clipfrac != 0. On 3m agents die within 25 steps, so the active masks are exercised."""
+    flags = ["--map", "3m", "--env-backend", "smax", "--learning-rate", "0", "--num-minibatches", "2", "--eval-interval", "0"]
+    run([*flags, *TINY, "--num-steps", "25", "--total-timesteps", "150", "--exp-name", "lr0"], smax_dir)
+    (run_dir,) = glob.glob(os.path.join(smax_dir, "runs", "3m__lr0__*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    shutil.rmtree(run_dir)  # the other 3m tests of this folder expect one 3m run
+    for tag in ("losses/approx_kl", "losses/clipfrac"):
+        assert [scalar.value for scalar in events.Scalars(tag)] == [0.0] * 3, tag
 
 
 def test_smax_smoke_3m_save_model_then_eval_only(smax_dir):
