@@ -6,7 +6,7 @@ write a Slurm array.
     python benchmarks/sweep.py --script maipg_smac.py --envs 3m 2s3z --nu 0 0.05 --seeds 1 2 3 --out benchmarks/out/smax
     python benchmarks/sweep.py --script maipg_mpe.py --envs spread --arm "A0=--nu 0" --arm "A1=--nu 0.05" \\
         --arm "A2=--nu 0.05 --mixer vdn" --seeds 1 2 3 --out benchmarks/out/study   # a study: one arm per setting
-    python benchmarks/sweep.py ... --slurm --slurm-option=--time=24:00:00     # writes OUT/sweep.sbatch, runs nothing
+    python benchmarks/sweep.py ... --slurm --slurm-option=--time=24:00:00 -- --checkpoint-interval 20   # sbatch file
     python benchmarks/plot.py benchmarks/out/mpe                               # curves and table of the finished runs
 
 Everything after `--` is passed unchanged to every run. The flag naming the env comes from the script
@@ -20,21 +20,45 @@ differ (also in case), so must the arms' flags, and an arm must not set what the
 
 Each run has its own folder OUT/{script}/{env}/{name}__seed{seed}/ and runs there (so its runs/ lands there) with
 --exp-name {script}_{name}, where name is nu{nu} for a nu (spelled as given: 0.050 stays 0.050; of two spellings of
-one value, the first runs; passed as --nu {nu}) or the arm's label; its stdout and stderr go to log.txt in that folder.
-Only after the script exits 0 is a `done` file written there (atomically, holding the run's flags and its nu or arm,
-which plot.py groups and labels by): a later sweep over the same OUT skips runs that have it, and reruns, from a clean
-folder, runs that do not. A `done` run whose flags differ from the requested ones is an error (use another --out).
-With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four maipg_*.py scripts,
+one value, the first runs; passed as --nu {nu}) or the arm's label; its stdout and stderr go to log.txt in that folder,
+and a `started` file (its settings and flags) is written when it starts. Only after the script exits 0 is a `done`
+file written there (atomically, also holding its command; plot.py groups and labels by the arm in it): a later sweep
+over the same OUT skips runs that have it. A run without it is resumed if its folder holds a checkpoint (the newest
+runs/*/checkpoint.pt, which the maipg_*.py scripts write every --checkpoint-interval updates and on SIGTERM): the
+script gets --resume PATH and log.txt is appended to; without a checkpoint it is rerun from a clean folder. A `done`
+run, or a checkpoint, made with other flags than the requested ones is an error (use another --out, or delete that
+folder). With --jobs J on C cores each run gets OMP_NUM_THREADS (and --torch-threads for the four maipg_*.py scripts,
 --num-workers for maipg_grf.py's env processes) = max(1, C // min(J, runs to do)), so that the runs fill the cores
 without oversubscribing them. Failed runs are listed at the end, with the tail of their logs, and the exit status is 1.
+Ctrl-C or SIGTERM stops the sweep: it sends the runs SIGTERM (they checkpoint at the end of their update and exit;
+Ctrl-C again kills them) and marks none of them done, so the next sweep resumes them.
+
+--slurm writes OUT/sweep.sbatch, one array task per run to do, doing what a local run does (skip if `done`, resume
+from a checkpoint, else start clean) each time the task starts, and made to survive preemption and time limits:
+- #SBATCH --requeue: a task that is preempted (where the partition's PreemptMode is REQUEUE) or whose node fails goes
+  back to the queue instead of being cancelled, and Slurm starts the batch script again from its top, so it resumes.
+  At preemption Slurm sends SIGTERM at the start of GraceTime and kills the job at its end; where that SIGTERM does
+  not reach the batch script (by default it goes to the job's steps only), the script is killed and the task resumes
+  from its last periodic checkpoint: pass --checkpoint-interval N after `--` on such partitions.
+- #SBATCH --signal=B:TERM@120: about 120 s (Slurm may send it up to 60 s early) before the time limit, and also at
+  preemption where the site sets PreemptParameters=send_user_signal, the batch shell gets SIGTERM. It passes it on to
+  the script (run in the background, so that the trap runs at once), waits for it to checkpoint and exit, and then,
+  if a checkpoint newer than this attempt exists, requeues its own task (scontrol requeue JOB_TASK): a time limit
+  does not requeue by itself. It writes `done` only when the script exits 0 and the shell saw no SIGTERM (the scripts
+  exit 0 after one too; a SIGTERM sent to the whole batch step reaches the shell as well). A task stopped before it
+  writes a new checkpoint is not requeued (so it cannot loop); give long updates more time, e.g.
+  --slurm-option=--signal=B:TERM@600.
+- #SBATCH --open-mode=append: a requeued task's slurm-*.out keeps the earlier attempts' lines.
 """
 
 import argparse
+import glob
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +127,7 @@ def make_runs(args, extra):
     env_flag = args.env_flag or ENV_FLAGS.get(script)
     if env_flag is None:
         fail(f"--env-flag: needed for {script} (known scripts: {', '.join(ENV_FLAGS)})")
-    reserved = {env_flag, "--seed", "--exp-name", "--exp_name"}
+    reserved = {env_flag, "--seed", "--exp-name", "--exp_name", "--resume"}
     taken = options(extra) & (reserved | (set() if args.arm else {"--nu"}))
     if taken:
         fail(f"the flags after -- must not set {' '.join(sorted(taken))}: the sweep sets it (use --envs, --nu, --seeds)")
@@ -156,15 +180,35 @@ def is_done(run):
     return True
 
 
-def done_record(run):
-    return json.dumps({key: run[key] for key in ("script", "env", "nu", "arm", "seed", "flags", "command") if key in run})
+def record(run, *more):
+    """The run's record as one line of JSON: `started` (its settings and flags) holds this, `done` also the command."""
+    return json.dumps({key: run[key] for key in ("script", "env", "nu", "arm", "seed", "flags", *more) if key in run})
 
 
-def write_done(run):
-    marker = os.path.join(run["folder"], "done")
-    with open(marker + ".tmp", "w") as f:
-        f.write(done_record(run) + "\n")
-    os.replace(marker + ".tmp", marker)
+def write_file(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def find_checkpoint(run):
+    """The newest runs/*/checkpoint.pt an unfinished attempt left in the run's folder, to resume from, or None; an error
+    if the attempt was started with other flags (its `started` record; an attempt without one is trusted)."""
+    pattern = os.path.join(glob.escape(run["folder"]), "runs", "*", "checkpoint.pt")
+    checkpoints = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not checkpoints:
+        return None
+    try:
+        with open(os.path.join(run["folder"], "started")) as f:
+            started = f.read().strip()
+    except OSError:
+        started = record(run)
+    if started != record(run):
+        fail(
+            f"--out: {run['folder']} holds a checkpoint of a run started with other flags or settings (its `started`: "
+            f"{started}); use another --out, or delete that folder"
+        )
+    return checkpoints[-1]
 
 
 def describe(run):
@@ -187,21 +231,36 @@ def launch_command(run, threads):
     return run["command"] + extra + (["--num-workers", str(threads)] if run["script"] == "maipg_grf.py" else [])
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_locally(runs, jobs, threads):
     """Keeps up to `jobs` runs going; returns the failed runs with their exit status."""
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     pending, running, failed, finished = list(runs), [], [], 0
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: stop the runs, so that they write their checkpoints
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 run = pending.pop(0)
-                shutil.rmtree(run["folder"], ignore_errors=True)  # leftovers of an attempt that did not finish
-                os.makedirs(run["folder"])
-                log = open(os.path.join(run["folder"], "log.txt"), "w")
-                command = launch_command(run, threads)
-                process = subprocess.Popen(command, cwd=run["folder"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                command, log_path = launch_command(run, threads), os.path.join(run["folder"], "log.txt")
+                if run["checkpoint"]:
+                    command += ["--resume", run["checkpoint"]]
+                    log = open(log_path, "a")
+                    log.write(f"--- sweep.py: resuming from {run['checkpoint']} ---\n")
+                    log.flush()
+                else:
+                    shutil.rmtree(run["folder"], ignore_errors=True)  # leftovers of an attempt that left no checkpoint
+                    os.makedirs(run["folder"])
+                    write_file(os.path.join(run["folder"], "started"), record(run))
+                    log = open(log_path, "w")
+                # a session of its own: Ctrl-C reaches only the sweep, which stops the runs with SIGTERM (see below)
+                process = subprocess.Popen(
+                    command, cwd=run["folder"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 running.append((process, log, run, time.time()))
-                print(f"started  {describe(run)}", flush=True)
+                print(f"{'resumed' if run['checkpoint'] else 'started'}  {describe(run)}", flush=True)
             time.sleep(0.2)
             for item in [item for item in running if item[0].poll() is not None]:
                 process, log, run, start = item
@@ -210,30 +269,51 @@ def run_locally(runs, jobs, threads):
                 finished += 1
                 status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
                 if process.returncode == 0:
-                    write_done(run)
+                    write_file(os.path.join(run["folder"], "done"), record(run, "command"))
                 else:
                     failed.append((run, process.returncode))
                 print(f"[{finished}/{len(runs)}] {status:<8} {describe(run)} in {time.time() - start:.0f} s", flush=True)
-    except KeyboardInterrupt:
-        for process, log, _, _ in running:
+    except KeyboardInterrupt:  # SIGTERM: the maipg_*.py scripts checkpoint at the end of the update and exit
+        print(f"stopping {len(running)} runs (Ctrl-C again kills them)", file=sys.stderr, flush=True)
+        for process, *_ in running:
             process.terminate()
-            process.wait()
+        try:
+            for process, *_ in running:
+                process.wait()
+        except KeyboardInterrupt:
+            for process, *_ in running:
+                process.kill()
+                process.wait()
+        for _, log, _, _ in running:
             log.close()
-        print(f"interrupted: {len(running)} runs stopped, {len(pending)} not started", file=sys.stderr)
+        print(
+            f"interrupted: {len(running)} runs stopped (not `done`; the next sweep resumes those with a checkpoint), "
+            f"{len(pending)} not started",
+            file=sys.stderr,
+        )
         sys.exit(130)
     return failed
 
 
 def write_sbatch(runs, path, threads, options):
-    """One array task per run: the same command, folder, log and `done` marker as a local run."""
+    """One array task per run: the same command, folder, log, `started` and `done` records and resumption as a local run,
+    and, on a SIGTERM before the time limit, a checkpoint and a requeue (see the comments in the file)."""
     lines = [
         "#!/bin/bash",
         "#SBATCH --job-name=maipg-sweep",
         f"#SBATCH --array=0-{len(runs) - 1}",
         f"#SBATCH --cpus-per-task={threads}",
         f"#SBATCH --output={os.path.join(os.path.dirname(path), 'slurm-%A_%a.out')}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:TERM@120",
         *[f"#SBATCH {option}" for option in options],
         f"# written by: {shlex.join(sys.argv)}",
+        "# --requeue: a task preempted (PreemptMode=REQUEUE) or on a failed node goes back to the queue and starts",
+        "#   again, resuming from the newest runs/*/checkpoint.pt of its run (pass --checkpoint-interval N after --).",
+        "# --signal=B:TERM@120: about 120 s before the time limit (and at preemption, with send_user_signal) this",
+        "#   shell gets SIGTERM and passes it on; the script checkpoints at the end of its update and exits, and the",
+        "#   task requeues itself if that wrote a checkpoint. Long updates: --slurm-option=--signal=B:TERM@600",
         *[f"export {name}={threads}" for name in THREAD_VARIABLES],
         'case "$SLURM_ARRAY_TASK_ID" in',
     ]
@@ -242,19 +322,43 @@ def write_sbatch(runs, path, threads, options):
             f"{index})  # {describe(run)}",
             f"    folder={shlex.quote(run['folder'])}",
             f"    command=({shlex.join(launch_command(run, threads))})",
-            f"    record={shlex.quote(done_record(run))} ;;",
+            f"    started={shlex.quote(record(run))}",
+            f"    record={shlex.quote(record(run, 'command'))} ;;",
         ]
     lines += [
         '*) echo "no run for array task $SLURM_ARRAY_TASK_ID"; exit 1 ;;',
         "esac",
         'if [ -f "$folder/done" ]; then echo "already done: $folder"; exit 0; fi',
-        'rm -rf "$folder" && mkdir -p "$folder" && cd "$folder" || exit 1',
-        '"${command[@]}" > log.txt 2>&1 || exit $?',
+        'checkpoint=$(ls -t "$folder"/runs/*/checkpoint.pt 2>/dev/null | head -n 1)',
+        'if [ -n "$checkpoint" ]; then',
+        '    if [ -f "$folder/started" ] && [ "$(cat "$folder/started")" != "$started" ]; then',
+        '        echo "$folder holds a checkpoint of a run started with other flags; delete that folder" >&2; exit 2',
+        "    fi",
+        '    cd "$folder" || exit 1',
+        '    command+=(--resume "$checkpoint")',
+        '    echo "--- sbatch task ${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID: resuming from $checkpoint ---" >> log.txt',
+        "else",
+        '    rm -rf "$folder" && mkdir -p "$folder" && cd "$folder" || exit 1',
+        "    printf '%s\\n' \"$started\" > started.tmp && mv started.tmp started",
+        "fi",
+        "touch attempt  # a checkpoint newer than this is progress",
+        "stopped=0",
+        '"${command[@]}" >> log.txt 2>&1 &',
+        "pid=$!",
+        "trap 'stopped=1; kill -TERM \"$pid\" 2>/dev/null' TERM",
+        'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped SIGTERM interrupts wait: wait on',
+        'wait "$pid"; status=$?',
+        'if [ "$stopped" = 1 ]; then',
+        '    if [ -n "$(find runs -name checkpoint.pt -newer attempt 2>/dev/null)" ]; then',
+        '        echo "stopped by SIGTERM with a new checkpoint: requeueing ${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID"',
+        '        scontrol requeue "${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID"; exit 0',
+        "    fi",
+        '    echo "stopped by SIGTERM without a new checkpoint (exit $status): not requeued" >&2; exit 1',
+        "fi",
+        '[ "$status" = 0 ] || exit "$status"',
         "printf '%s\\n' \"$record\" > done.tmp && mv done.tmp done",
     ]
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    write_file(path, "\n".join(lines))
 
 
 if __name__ == "__main__":
@@ -287,12 +391,18 @@ if __name__ == "__main__":
         fail("--jobs and --threads must be at least 1")
 
     runs = make_runs(args, extra)
-    todo = [run for run in runs if not is_done(run)]
+    todo = [{**run, "checkpoint": find_checkpoint(run)} for run in runs if not is_done(run)]
     threads = args.threads or (1 if args.slurm else max(1, available_cores() // min(args.jobs, max(1, len(todo)))))
-    print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already done, {len(todo)} to do", flush=True)
+    resumed = sum(bool(run["checkpoint"]) for run in todo)
+    print(
+        f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already done, {len(todo)} to do"
+        + (f" ({resumed} resumed from their checkpoints)" if resumed else ""),
+        flush=True,
+    )
     if args.dry_run:
         for run in todo:
-            print(f"cd {shlex.quote(run['folder'])} && {shlex.join(launch_command(run, threads))}")
+            resume = ["--resume", run["checkpoint"]] if run["checkpoint"] else []
+            print(f"cd {shlex.quote(run['folder'])} && {shlex.join(launch_command(run, threads) + resume)}")
     elif args.slurm:
         if todo:
             os.makedirs(args.out, exist_ok=True)

@@ -1,13 +1,17 @@
 """benchmarks/sweep.py and benchmarks/plot.py: the runner on a tiny grid of maipg_mpe.py runs (then skipping them, and
-the plot of their logs), the runner's threads, folders, failures and bad input on a stand-in script, the Slurm array
-file, and the plot's grouping, alignment and final values on event files with known values."""
+the plot of their logs), the runner's threads, folders, nu spellings, GRF env workers, named arms, failures, resumption
+from checkpoints, stopping and bad input on stand-in scripts, the Slurm array file (its SIGTERM, requeue and resume),
+and the plot's grouping (by settings and arm, not threads), alignment, common last step and final values on event
+files with known values."""
 
 import glob
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +27,27 @@ with open("seen.json", "w") as f:
     json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "threads": os.environ.get("OMP_NUM_THREADS")}, f)
 print("stand-in ran with seed", seed)
 sys.exit(3 if seed == 2 else 0)
+"""
+
+RESUMABLE = """import json, os, signal, sys, time
+argv = sys.argv[1:]
+calls = json.load(open("calls.json")) if os.path.exists("calls.json") else []
+json.dump(calls + [argv], open("calls.json", "w"))
+print("attempt", len(calls) + 1, flush=True)
+if "--resume" in argv:
+    sys.exit(0)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+os.makedirs("runs/x", exist_ok=True)
+if os.environ.get("STAND_IN_WAIT"):  # like the scripts: on SIGTERM, a checkpoint and exit 0
+    open("ready", "w").close()
+    deadline = time.time() + 20
+    while not stop and time.time() < deadline:
+        time.sleep(0.02)
+    open("runs/x/checkpoint.pt", "w").close()
+    sys.exit(0 if stop else 5)
+open("runs/x/checkpoint.pt", "w").close()
+sys.exit(4)
 """
 
 
@@ -166,6 +191,92 @@ def test_sweep_runs_named_arms_into_one_folder(tmp_path):
     assert result.returncode == 0 and "3 runs in the grid, 3 already done, 0 to do" in result.stdout, result.stderr
 
 
+def test_sweep_resumes_an_unfinished_run_from_its_checkpoint(tmp_path):
+    (tmp_path / "stand_in.py").write_text(RESUMABLE)
+    out = tmp_path / "sweep"
+    grid = ["--script", str(tmp_path / "stand_in.py"), "--env-flag=--level", "--envs", "a", "--nu", "0", "--seeds", "1"]
+    grid += ["--out", str(out), "--threads", "1"]
+    result = run(SWEEP, [*grid, "--", "--extra", "x"])
+    assert result.returncode == 1 and "FAILED (exit 4)" in result.stderr, result.stdout + result.stderr
+    folder = out / "stand_in" / "a" / "nu0__seed1"
+    checkpoint, flags = str(folder / "runs" / "x" / "checkpoint.pt"), ["--level", "a", "--nu", "0", "--seed", "1"]
+    flags += ["--exp-name", "stand_in_nu0", "--extra", "x"]
+    assert json.load(open(folder / "started"))["flags"] == flags and os.path.isfile(checkpoint)
+
+    # a checkpoint made with other flags is not resumed, nor deleted
+    result = run(SWEEP, [*grid, "--", "--extra", "y"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "holds a checkpoint of a run started with other flags" in result.stderr and os.path.isfile(checkpoint)
+
+    result = run(SWEEP, [*grid, "--dry-run", "--", "--extra", "x"])
+    assert "1 to do (1 resumed from their checkpoints)" in result.stdout and f"--resume {checkpoint}" in result.stdout
+    result = run(SWEEP, [*grid, "--", "--extra", "x"])
+    assert result.returncode == 0 and "resumed  stand_in.py a nu=0 seed=1" in result.stdout, result.stdout + result.stderr
+    assert json.load(open(folder / "calls.json")) == [flags, [*flags, "--resume", checkpoint]]
+    log = open(folder / "log.txt").read()  # appended to
+    assert log.index("attempt 1") < log.index(f"resuming from {checkpoint}") < log.index("attempt 2")
+    assert json.load(open(folder / "done"))["flags"] == flags
+
+
+def test_a_stopped_sweep_stops_its_runs_with_sigterm_and_marks_none_done(tmp_path):
+    (tmp_path / "stand_in.py").write_text(RESUMABLE)
+    grid = ["--script", str(tmp_path / "stand_in.py"), "--env-flag=--level", "--envs", "a", "--nu", "0", "--seeds", "1"]
+    grid += ["--out", str(tmp_path / "sweep")]
+    folder = tmp_path / "sweep" / "stand_in" / "a" / "nu0__seed1"
+    sweep = subprocess.Popen(
+        [sys.executable, SWEEP, *grid], env={**os.environ, "STAND_IN_WAIT": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    for _ in range(1000):
+        if (folder / "ready").exists() or sweep.poll() is not None:
+            break
+        time.sleep(0.02)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=30) == 130 and "interrupted: 1 runs stopped" in sweep.stderr.read()
+    assert (folder / "runs" / "x" / "checkpoint.pt").exists() and not (folder / "done").exists()
+    result = run(SWEEP, grid)  # the next sweep resumes it
+    assert result.returncode == 0 and json.load(open(folder / "calls.json"))[1][-2] == "--resume", result.stderr
+
+
+def test_slurm_task_checkpoints_on_sigterm_requeues_itself_and_resumes(tmp_path):
+    (tmp_path / "stand_in.py").write_text(RESUMABLE)
+    out = tmp_path / "sweep"
+    grid = ["--script", str(tmp_path / "stand_in.py"), "--env-flag=--level", "--envs", "a", "--nu", "0", "--seeds", "1"]
+    result = run(SWEEP, [*grid, "--out", str(out), "--slurm"])
+    assert result.returncode == 0, result.stderr
+    sbatch = str(out / "sweep.sbatch")
+    text = open(sbatch).read()
+    for line in ("--requeue", "--signal=B:TERM@120", "--open-mode=append"):
+        assert f"\n#SBATCH {line}\n" in text
+    assert subprocess.run(["bash", "-n", sbatch]).returncode == 0
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_ARRAY_JOB_ID": "77"}
+    env.update(SLURM_ARRAY_TASK_ID="0", STAND_IN_WAIT="1")
+
+    # SIGTERM to the batch shell (--signal=B:TERM): passed on to the script, which checkpoints; the task requeues itself
+    task = subprocess.Popen(["bash", sbatch], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = out / "stand_in" / "a" / "nu0__seed1"
+    for _ in range(1000):
+        if (folder / "ready").exists() or task.poll() is not None:
+            break
+        time.sleep(0.02)
+    task.send_signal(signal.SIGTERM)
+    stdout, stderr = task.communicate(timeout=30)
+    assert task.returncode == 0 and "requeueing 77_0" in stdout, stdout + stderr
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 77_0\n"
+    checkpoint = str(folder / "runs" / "x" / "checkpoint.pt")
+    assert os.path.isfile(checkpoint) and not (folder / "done").exists()
+
+    # the requeued task starts the file again: it resumes from that checkpoint, then marks the run done
+    result = subprocess.run(["bash", sbatch], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = json.load(open(folder / "calls.json"))
+    assert len(calls) == 2 and calls[1] == [*calls[0], "--resume", checkpoint]
+    assert "attempt 1" in open(folder / "log.txt").read() and (folder / "done").exists()
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 77_0\n"  # not requeued again
+
+
 @pytest.mark.parametrize(
     "arms, message",
     [
@@ -195,6 +306,7 @@ def test_sweep_bad_arms_are_one_line(arms, message, tmp_path):
         (["--script", "no_such_script.py", "--envs", "spread", "--out", "o"], "--script"),
         (["--script", "stand_in.py", "--envs", "x", "--out", "o"], "--env-flag"),
         (["--script", "maipg_mpe.py", "--envs", "spread", "--out", "o", "--", "--seed", "4"], "--seed"),
+        (["--script", "maipg_mpe.py", "--envs", "spread", "--out", "o", "--", "--resume=runs/x"], "--resume"),
         (["--script", "maipg_mpe.py", "--envs", "spread", "--nu", "big", "--out", "o"], "--nu"),
         (["--script", "maipg_mpe.py", "--envs", "spread", "--out", "o", "--jobs", "0"], "--jobs"),
     ],
