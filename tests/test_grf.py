@@ -1,6 +1,7 @@
-"""maipg_grf.py on the real Google Research Football engine: the scenario table against the installed package, smoke
-runs of the paper's five scenarios with env processes, save then --eval-only, env determinism, rendering, bad input.
-A stand-in env (StubFootballEnv) in the script's real env processes checks the env seeds and a dead or hung env process.
+"""maipg_grf.py on the real Google Research Football engine: the scenario table against the installed package, the
+env's wrappers, smoke runs of the paper's five scenarios with env processes (their event files read back), save then
+--eval-only, env determinism, rendering, bad input. A stand-in env (StubFootballEnv) in the script's real env processes
+checks what needs exact episodes: success counted once per episode, the env seeds, and a dead or hung env process.
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
 (CI=true) a missing gfootball fails them instead, so CI cannot pass without running them."""
@@ -192,17 +193,37 @@ def test_scenario_table_matches_the_installed_scenarios(gfootball):
         assert np.size(reward) == num_agents and "score_reward" in info, scenario
 
 
+def test_env_is_simple115v2_with_checkpoint_rewards(gfootball):
+    """simple115 also gives 115 features (without fixed positions), so the wrapper chain itself is checked."""
+    import gfootball.env.wrappers as wrappers
+
+    env = maipg_grf.make_football_env("academy_counterattack_easy", seed=7)
+    chain = [env]
+    while hasattr(chain[-1], "env"):
+        chain.append(chain[-1].env)
+    env.close()
+    (representation,) = [layer for layer in chain if isinstance(layer, wrappers.Simple115StateWrapper)]
+    assert representation._fixed_positions  # simple115v2
+    assert any(isinstance(layer, wrappers.CheckpointRewardWrapper) for layer in chain)
+    config = env.unwrapped._config
+    assert config["game_engine_random_seed"] == 7 and config.number_of_left_players() == 4
+
+
 @pytest.mark.parametrize("scenario", PAPER_SCENARIOS)
 def test_smoke(scenario, tmp_path, gfootball):
     result = run(["--scenario", scenario, "--eval-interval", "0", *TINY], tmp_path)
     assert "update 1/1" in result.stdout and "SPS" in result.stdout
     assert glob.glob(os.path.join(tmp_path, "runs", f"{scenario}__*", "events.out.tfevents.*"))
+    assert_logged_and_finite(scalars(tmp_path), num_updates=1)
 
 
 def test_save_model_then_eval_only(tmp_path, gfootball):
     """Training with an evaluation and --log-grad-var, the saved model, then --eval-only on it."""
     flags = ["--scenario", "academy_3_vs_1_with_keeper", "--eval-interval", "1", "--eval-episodes", "1"]
     run([*flags, "--save-model", "--log-grad-var", *TINY], tmp_path)
+    logged = scalars(tmp_path)
+    assert_logged_and_finite(logged, num_updates=1)
+    assert len(logged["diagnostics/grad_var"]) == 1 and logged["eval/success_rate"][0] in (0.0, 1.0)
     (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "maipg_grf.pt"))
     checkpoint = torch.load(path, weights_only=True)
     assert {"args", "actor", "critic", "agent_q", "mixer", "value_norm"} <= set(checkpoint)
@@ -314,6 +335,35 @@ def test_missing_gfootball_is_one_line_naming_the_install_script(tmp_path):
     assert "gfootball" in line and "scripts/install_grf.sh" in line
 
 
+@pytest.fixture(scope="module")
+def stub_run(tmp_path_factory):
+    """One run of the script on StubFootballEnvs, shared by the tests that read its event file: 2 updates of 2 envs x 16
+    steps (4 episodes of 4 steps per env and update), an evaluation of 6 episodes after each, --learning-rate 0."""
+    cwd = tmp_path_factory.mktemp("stub_run")
+    run([*STUB_RUN, "--update-epochs", "2", "--eval-episodes", "6", "--learning-rate", "0"], cwd, env=stub_gfootball(cwd))
+    return scalars(cwd)
+
+
+def test_stub_run_logs_every_update_finite(stub_run):
+    assert_logged_and_finite(stub_run, num_updates=2)
+
+
+def test_success_is_counted_once_per_episode(stub_run):
+    """Each update ends 8 episodes (2 envs x 16 steps / 4), 4 of which scored (2 of them three times); each evaluation
+    plays 3 episodes per env, patterns 0-2 (a goal, one conceded, none)."""
+    assert stub_run["charts/success_rate"] == [0.5, 0.5]
+    assert stub_run["charts/goals"] == [0.75, 0.75]  # the goal difference per episode: (1 - 1 + 0 + 3) / 4
+    assert stub_run["charts/episodic_return"] == [2.25, 2.25]  # each of the 3 agents is rewarded for each goal
+    assert stub_run["charts/episodic_length"] == [STUB_EPISODE_LENGTH] * 2
+    assert stub_run["eval/success_rate"] == pytest.approx([1 / 3, 1 / 3])  # in [0, 1]: episodes, not goals, counted
+
+
+def test_learning_rate_zero_leaves_the_policy_unchanged(stub_run):
+    """With a learning rate of 0 the update starts from and keeps the rollout's policy: the ratios are exactly 1."""
+    assert stub_run["losses/approx_kl"] == [0.0, 0.0]
+    assert stub_run["losses/clipfrac"] == [0.0, 0.0]
+
+
 def stub_envs(monkeypatch, seeds, num_workers, fate=None, timeout=60.0):
     """FootballEnvs whose workers build StubFootballEnvs (forked, they inherit the patched make_football_env)."""
     monkeypatch.setattr(
@@ -357,6 +407,17 @@ def test_a_dead_or_hung_env_process_is_one_line_and_closes(monkeypatch, failure)
     assert step == (STUB_FATAL_STEP if failure == "hung" else 2)
     envs.close()
     assert not any(process.is_alive() for process in envs.processes)
+
+
+def test_video_env_whose_process_dies_is_no_video_not_the_end(monkeypatch, capsys, tmp_path):
+    """Rendering without OpenGL can crash the video env's process: record_video says so in one line and the run goes on."""
+    envs = stub_envs(monkeypatch, [7], 1)
+    os.kill(envs.processes[0].pid, signal.SIGKILL)
+    actor = maipg_grf.Actor(115 + 3, 19, 8, True)
+    assert maipg_grf.record_video(actor, envs, 8, torch.device("cpu"), str(tmp_path / "v.gif")) is None
+    envs.close()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "--capture-video: no video" in out and "env process 0 (envs 0-0) died (SIGKILL)" in out
 
 
 def test_run_whose_env_process_dies_stops_with_one_line(tmp_path):
