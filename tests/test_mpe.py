@@ -3,8 +3,10 @@ nu = 0 being MAPPO update for update, and a short learning test."""
 
 import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import imageio
 import numpy as np
@@ -180,3 +182,98 @@ def test_learning_improves_the_greedy_return(tmp_path):
     evals = scalars(run_dir)["eval/episodic_return"]
     assert len(evals) == 10
     assert sum(evals[-3:]) / 3 > sum(evals[:2]) / 2 + 8, evals
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, --resume and preemption
+# ---------------------------------------------------------------------------------------------------------------------
+RESUMABLE = ["--num-agents", "3", "--num-envs", "8", "--update-epochs", "2", "--eval-interval", "2", "--eval-episodes", "2"]
+RESUMABLE += ["--joint-q-diagnostic", "--save-model", "--checkpoint-interval", "3", "--total-timesteps", "2400"]
+
+
+def run_state(cwd):
+    """-> (the saved model, every logged scalar but the wall-clock SPS, as (step, value) pairs)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    logged = {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag != "charts/SPS"}
+    return saved_model(cwd), logged
+
+
+def start(args, cwd):
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_checkpoint(process, cwd, timeout=120):
+    deadline = time.time() + timeout
+    while not glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt")):
+        assert process.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    return glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt"))[0]
+
+
+def test_a_killed_and_resumed_run_is_the_uninterrupted_run(tmp_path):
+    """SIGKILL after the first checkpoint (update 3 of 12), then --resume: final weights, normaliser statistics and
+    every logged scalar, step for step, equal those of the same run left alone (the NumPy port's envs, generators and
+    the carried-over rollout slot are all in the checkpoint; the killed process's later points are purged)."""
+    os.makedirs(tmp_path / "alone")
+    os.makedirs(tmp_path / "killed")
+    run(RESUMABLE, tmp_path / "alone")
+    process = start(RESUMABLE, tmp_path / "killed")
+    checkpoint = wait_for_checkpoint(process, tmp_path / "killed")
+    process.kill()
+    process.wait()
+    assert not glob.glob(os.path.join(tmp_path, "killed", "runs", "*", "maipg_mpe.pt")), "it finished before the kill"
+    result = run([*RESUMABLE, "--resume", os.path.dirname(checkpoint)], tmp_path / "killed")
+    assert "update 12/12" in result.stdout
+    (alone_model, alone_logged), (resumed_model, resumed_logged) = (
+        run_state(tmp_path / "alone"),
+        run_state(tmp_path / "killed"),
+    )
+    for part in ("actor", "critic", "agent_q", "mixer", "value_norm"):
+        for key, value in alone_model[part].items():
+            assert torch.equal(value, resumed_model[part][key]), f"{part}.{key}"
+    assert alone_logged == resumed_logged
+    assert len(alone_logged["charts/episodic_return"]) == 12 and len(alone_logged["eval/episodic_return"]) == 6
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
+    flags = ["--num-agents", "3", "--num-envs", "32", "--eval-interval", "0", "--checkpoint-interval", "0"]
+    process = start([*flags, "--total-timesteps", "100000"], tmp_path)
+    first_line = process.stdout.readline()  # printed after update 1: the loop is running
+    assert first_line.startswith("update 1/125"), first_line + process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    assert (
+        "SIGTERM: stopped after update " in stdout
+        and f"continue with --resume {os.path.relpath(checkpoint, tmp_path)}" in stdout
+    )
+    stopped_at = torch.load(checkpoint, weights_only=False)["update"]
+    result = run([*flags, "--total-timesteps", str(800 * (stopped_at + 1)), "--resume", checkpoint], tmp_path)
+    assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
+
+
+def test_bad_resume_is_one_line(tmp_path):
+    run(["--num-agents", "3", "--checkpoint-interval", "1", *TINY], tmp_path)
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    with open(checkpoint, "rb") as f:
+        (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
+    torch.save({"script": "maipg_smac.py", "args": {}}, tmp_path / "foreign.pt")
+    for flags, message in [
+        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
+        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_mpe.py"),
+        (["--resume", checkpoint, "--task", "line"], "--task cannot change on --resume (the run has 'spread')"),
+        (["--resume", checkpoint, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
+    ]:
+        before = sorted(glob.glob(os.path.join(tmp_path, "runs", "*", "*")))
+        result = run(flags, tmp_path, check=False)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr
+        assert sorted(glob.glob(os.path.join(tmp_path, "runs", "*", "*"))) == before  # nothing written

@@ -32,6 +32,13 @@ SHARED = [
     "rvar",
     "grad_variance",
     "env_seeds",
+    "fail",
+    "load_checkpoint",
+    "resume_args",
+    "rng_states",
+    "set_rng_states",
+    "save_atomically",
+    "Preemption",
 ]
 DISCRETE = ["gumbel_straight_through", "dpg_loss"]
 
