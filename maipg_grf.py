@@ -64,6 +64,15 @@ class Args:
     """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
+    checkpoint_interval: int = 15
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (15 updates: about 10
+    minutes at the default settings, at the README's 257 env steps/s on academy_3_vs_1_with_keeper; 0: never), and after
+    the update in which SIGTERM or SIGINT came"""
+    resume: str | None = None
+    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
+    episodes start afresh: gfootball's engines cannot be saved); only --total-timesteps, --eval-interval,
+    --checkpoint-interval, --track, --cuda, --torch-threads, --num-workers and --env-timeout may differ from the run's
+    own flags"""
 
     # Environment
     scenario: str = "academy_3_vs_1_with_keeper"
@@ -132,13 +141,13 @@ class Args:
     """the number of updates (total_timesteps // batch_size)"""
 
 
-def check_args(args: Args) -> None:
+def fail(message: str) -> None:
     """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    def fail(message: str) -> None:
-        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
+def check_args(args: Args) -> None:
     if args.scenario not in ACADEMY_SCENARIOS:
         fail(f"--scenario must be one of {', '.join(ACADEMY_SCENARIOS)}, got {args.scenario!r}")
     if args.mixer not in ("qmix", "vdn"):
@@ -167,6 +176,8 @@ def check_args(args: Args) -> None:
         fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
     if not args.env_timeout > 0:
         fail(f"--env-timeout must be > 0 seconds, got {args.env_timeout}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
     if args.eval_only is not None and not os.path.isfile(args.eval_only):
         fail(f"--eval-only: no such file {args.eval_only!r}")
 
@@ -176,8 +187,82 @@ def require(module: str, install: str, flag: str):
     try:
         return __import__(module)
     except ImportError:
-        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{flag} needs {module}: {install}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
+# ---------------------------------------------------------------------------------------------------------------------
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
+# num_workers and env_timeout are operational: each env's engine seeds do not depend on the env process it runs in
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+RESUME_FLAGS += ("num_workers", "env_timeout")
+
+
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    return path, checkpoint
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():
+        generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,6 +296,15 @@ def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
     stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
+def run_env_seeds(seed: int, stream: str, num_envs: int, resumed_after: int) -> list[int]:
+    """env_seeds, for a run that is not resumed (resumed_after = 0). A run resumed after update u starts its envs
+    afresh (gfootball's engine state cannot be saved, and each env's generator of episode seeds lives in its env
+    process): with the run's own seeds they would replay its first episodes, so env i takes a seed derived from its
+    own and u."""
+    seeds = env_seeds(seed, stream, num_envs)
+    return [int(np.random.SeedSequence([s, resumed_after]).generate_state(1)[0]) for s in seeds] if resumed_after else seeds
 
 
 def make_football_env(scenario: str, seed: int):
@@ -715,6 +809,10 @@ def record_video(actor, video_envs, hidden_dim, device, path):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume is not None:
+        args.resume, checkpoint = load_checkpoint(args.resume, os.path.basename(__file__))
+        args = resume_args(args, checkpoint)
     check_args(args)
     require("gfootball.env", INSTALL_GRF, "--scenario")  # imported once here: the env processes inherit it
     args.batch_size = args.num_envs * args.num_steps
@@ -752,7 +850,8 @@ if __name__ == "__main__":
             video_envs.close()
         sys.exit(0)
 
-    run_name = f"{args.scenario}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.scenario}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
     if args.track:
         wandb = require("wandb", "pip install wandb", "--track")
         wandb.init(
@@ -763,21 +862,25 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
+    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
     atexit.register(writer.close)  # a run stopped early (a dead env process, a non-finite loss) keeps what it logged
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-    )
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
 
     # env setup, before any torch work (the env processes are forked): the mixer state of GRF is the concatenation of
     # all agents' observations (SPEC section 3)
-    envs = FootballEnvs(args.scenario, env_seeds(args.seed, "train", args.num_envs), args.num_workers, args.env_timeout)
+    resumed_after = checkpoint["update"] if checkpoint else 0
+    train_seeds = run_env_seeds(args.seed, "train", args.num_envs, resumed_after)
+    envs = FootballEnvs(args.scenario, train_seeds, args.num_workers, args.env_timeout)
     # evaluation envs of their own (about 60 MB per engine), only if there are evaluations
-    eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs))
+    eval_seeds = run_env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs), resumed_after)
     eval_envs = FootballEnvs(args.scenario, eval_seeds, args.num_workers, args.env_timeout) if args.eval_interval > 0 else None
     video_envs = (
-        FootballEnvs(args.scenario, env_seeds(args.seed, "video", 1), 1, args.env_timeout)
+        FootballEnvs(args.scenario, run_env_seeds(args.seed, "video", 1, resumed_after), 1, args.env_timeout)
         if args.capture_video and eval_envs is not None
         else None
     )
@@ -800,6 +903,19 @@ if __name__ == "__main__":
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+    # what a checkpoint saves and --resume restores, besides the generators
+    stateful = {
+        "actor": actor,
+        "critic": critic,
+        "agent_q": agent_q,
+        "mixer": mixer,
+        "target_agent_q": target_agent_q,
+        "target_mixer": target_mixer,
+        "value_norm": value_norm,
+        "actor_optimizer": actor_optimizer,
+        "critic_optimizer": critic_optimizer,
+        "q_optimizer": q_optimizer,
+    }
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
     obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
@@ -817,15 +933,25 @@ if __name__ == "__main__":
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
 
     # TRY NOT TO MODIFY: start the game
-    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
     next_obs = torch.as_tensor(envs.reset(), device=device)
     obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, finished_scores = [], [], []
     last_return, last_success, eval_success = float("nan"), float("nan"), float("nan")
     n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+    if checkpoint:  # --resume: the training state as it was at the end of the checkpoint's update
+        global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
+        last_return, last_success, eval_success = (checkpoint[key] for key in ("last_return", "last_success", "eval_success"))
+        print("--resume: gfootball's engines cannot be saved, so the episodes start afresh (with engine seeds of their own)")
+    # the handlers come after the env processes are forked: SIGTERM still ends those (terminate()), SIGINT they ignore
+    start_step, preemption = global_step, Preemption()
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    for update in range(1, args.num_updates + 1):
+    for update in range(start_update, args.num_updates + 1):
         # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
         for step in range(T):
             global_step += E
@@ -978,7 +1104,7 @@ if __name__ == "__main__":
             buffer[0] = buffer[T]
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
@@ -1018,24 +1144,40 @@ if __name__ == "__main__":
                 flush=True,
             )
 
-    wall = time.time() - start_time
-    print(
-        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
-        f"env stepping took {env_time / wall:.0%} of the time"
-    )
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.pt"
-        checkpoint = {
-            "args": asdict(args),
-            **{
-                name: net.state_dict()
-                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
-            },
-            "value_norm": value_norm.state_dict(),
-        }
-        torch.save(checkpoint, model_path + ".tmp")
-        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
-        print(f"model saved to {model_path}")
+        # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
+        if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
+            save_atomically(
+                {
+                    "script": os.path.basename(__file__),
+                    "args": asdict(args),
+                    "run_name": run_name,
+                    "update": update,
+                    "global_step": global_step,
+                    **{name: module.state_dict() for name, module in stateful.items()},
+                    "rng": rng_states({"diagnostics": diagnostics_rng}),
+                    "last_return": last_return,
+                    "last_success": last_success,
+                    "eval_success": eval_success,
+                    # the running episodes' sums, for the record: a resumed run starts its episodes afresh, uncounted
+                    "episode_returns": episode_returns,
+                    "episode_lengths": episode_lengths,
+                },
+                checkpoint_path,
+            )
+            if preemption.signal_name:
+                print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
+                break
+
+    if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
+        wall = time.time() - start_time
+        print(
+            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
+            f"env stepping took {env_time / wall:.0%} of the time"
+        )
+        if args.save_model:
+            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
+            print(f"model saved to {model_path}")
     envs.close()
     if eval_envs is not None:
         eval_envs.close()

@@ -66,13 +66,16 @@ STUB_RUN = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "64", "
 class StubFootballEnv:
     """Stands in for gfootball's env (create_environment's keywords, reset, step, close, unwrapped._config) inside the
     script's real env processes. Like the engine it reads game_engine_random_seed at every reset, and its observations
-    are drawn from that seed, so equal observations mean equal engine seeds. fate "die" (SIGKILL) or "hang" applies to
-    the stand-in built with fatal_seed, at its STUB_FATAL_STEP-th step."""
+    are drawn from that seed, so equal observations mean equal engine seeds; with repeat, they are drawn from the
+    episode's number modulo 4 instead, so that every env plays the same 4 episodes over and over, whatever its seeds.
+    fate "die" (SIGKILL) or "hang" applies to the stand-in built with fatal_seed, at its STUB_FATAL_STEP-th step."""
 
-    def __init__(self, number_of_left_players_agent_controls, other_config_options, fate=None, fatal_seed=None, **_):
+    def __init__(
+        self, number_of_left_players_agent_controls, other_config_options, fate=None, fatal_seed=None, repeat=False, **_
+    ):
         self.num_agents, self._config = number_of_left_players_agent_controls, dict(other_config_options)
         self.fate = fate if self._config["game_engine_random_seed"] == fatal_seed else None
-        self.episode, self.episode_steps, self.total_steps = -1, 0, 0
+        self.repeat, self.episode, self.episode_steps, self.total_steps = repeat, -1, 0, 0
 
     @property
     def unwrapped(self):
@@ -80,7 +83,7 @@ class StubFootballEnv:
 
     def reset(self):
         self.episode, self.episode_steps = self.episode + 1, 0
-        self.rng = np.random.default_rng(self._config["game_engine_random_seed"])
+        self.rng = np.random.default_rng(self.episode % 4 if self.repeat else self._config["game_engine_random_seed"])
         return self.rng.uniform(-1, 1, (self.num_agents, 115)).astype(np.float32)
 
     def step(self, actions):
@@ -101,11 +104,13 @@ class StubFootballEnv:
 
 def stub_create_environment(**config):
     """gfootball.env.create_environment of the shadowing package (stub_gfootball): a StubFootballEnv, whose fate and
-    fatal seed come from $STUB_FATE and $STUB_FATAL_SEED; its process id goes to a file in $STUB_PIDS."""
+    fatal seed come from $STUB_FATE and $STUB_FATAL_SEED, repeat from $STUB_REPEAT; its process id goes to a file in
+    $STUB_PIDS."""
     with open(os.path.join(os.environ["STUB_PIDS"], str(os.getpid())), "w"):
         pass
     fatal_seed = int(os.environ["STUB_FATAL_SEED"]) if "STUB_FATAL_SEED" in os.environ else None
-    return StubFootballEnv(**config, fate=os.environ.get("STUB_FATE"), fatal_seed=fatal_seed)
+    repeat = os.environ.get("STUB_REPEAT") == "1"
+    return StubFootballEnv(**config, fate=os.environ.get("STUB_FATE"), fatal_seed=fatal_seed, repeat=repeat)
 
 
 @pytest.fixture
@@ -444,3 +449,130 @@ def test_bad_env_timeout_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         maipg_grf.check_args(maipg_grf.Args(env_timeout=0))
     assert exit_info.value.code == 2 and "--env-timeout must be > 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, --resume and preemption (on stand-in envs in the script's real env processes)
+# ---------------------------------------------------------------------------------------------------------------------
+STUB_UPDATE_STEPS = 32  # 2 envs x 16 steps: every env ends 4 whole episodes per update, so updates end between episodes
+RESUMABLE = [*STUB_RUN[:-2], "--eval-interval", "2", "--eval-episodes", "6", "--update-epochs", "2", "--save-model"]
+
+
+def logged_points(cwd) -> dict[str, list[tuple[int, float]]]:
+    """The event file of the one run under cwd -> {tag: its (step, value) pairs}, but the wall-clock charts/SPS"""
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag != "charts/SPS"}
+
+
+def saved_model(cwd) -> dict:
+    (path,) = glob.glob(os.path.join(cwd, "runs", "*", "maipg_grf.pt"))
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_tensors(expected: dict, got: dict, parts):
+    for part in parts:
+        assert expected[part].keys() == got[part].keys(), part
+        for key, value in expected[part].items():
+            assert torch.equal(value, got[part][key]), f"{part}.{key}"
+
+
+def test_a_resumed_run_continues_with_the_restored_training_state(tmp_path):
+    """A run that went on past its checkpoint (update 2 of 3, as if killed after it), resumed twice: first with
+    --total-timesteps at the checkpoint (no update left), whose saved model is the checkpoint's networks and ValueNorm
+    tensor for tensor; then up to update 4 (and on 1 env process instead of 2), after the one line saying that the
+    episodes start afresh. The stand-in envs repeat 4 episodes, so a fresh env continues exactly as the running one
+    would: the final model and every logged scalar, step for step (update 3's points of the first process purged),
+    equal those of the same 4 updates run uninterrupted. That fails if any network, target copy, optimiser, ValueNorm
+    or generator (the diagnostics one included: rvar) is not restored."""
+    alone, resumed = tmp_path / "alone", tmp_path / "resumed"
+    run([*RESUMABLE, "--total-timesteps", str(4 * STUB_UPDATE_STEPS)], alone, env=stub_gfootball(alone, STUB_REPEAT="1"))
+    env = stub_gfootball(resumed, STUB_REPEAT="1")
+    run([*RESUMABLE, "--total-timesteps", str(3 * STUB_UPDATE_STEPS), "--checkpoint-interval", "2"], resumed, env=env)
+    (checkpoint_path,) = glob.glob(os.path.join(resumed, "runs", "*", "checkpoint.pt"))
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert checkpoint["update"] == 2 and checkpoint["global_step"] == 2 * STUB_UPDATE_STEPS
+    stateful = ["target_agent_q", "target_mixer", "actor_optimizer", "critic_optimizer", "q_optimizer"]
+    assert set(maipg_grf.MODEL_PARTS + ("rng", "last_success", "eval_success", *stateful)) <= set(checkpoint)
+
+    result = run([*RESUMABLE, "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--resume", checkpoint_path], resumed, env=env)
+    assert "update " not in result.stdout and f"done: {2 * STUB_UPDATE_STEPS} env steps" in result.stdout
+    assert_same_tensors(checkpoint, saved_model(resumed), maipg_grf.MODEL_PARTS)
+
+    flags = [*RESUMABLE, "--total-timesteps", str(4 * STUB_UPDATE_STEPS), "--num-workers", "1"]
+    result = run([*flags, "--resume", os.path.dirname(checkpoint_path)], resumed, env=env)
+    assert result.stdout.splitlines()[0] == (
+        "--resume: gfootball's engines cannot be saved, so the episodes start afresh (with engine seeds of their own)"
+    )
+    assert "update 4/4" in result.stdout and "update 1/" not in result.stdout and result.stderr == ""
+    assert_same_tensors(saved_model(alone), saved_model(resumed), maipg_grf.MODEL_PARTS)
+    alone_logged, resumed_logged = logged_points(alone), logged_points(resumed)
+    assert alone_logged == resumed_logged
+    assert [step for step, _ in resumed_logged["diagnostics/rvar"]] == [32, 64, 96, 128]
+    assert [step for step, _ in resumed_logged["eval/success_rate"]] == [64, 128]
+
+
+def test_resumed_envs_draw_engine_seeds_of_their_own():
+    """A resumed run's envs start afresh: with the run's seeds they would replay its first episodes."""
+    fresh = maipg_grf.run_env_seeds(1, "train", 50, 0)
+    after_3, after_4 = maipg_grf.run_env_seeds(1, "train", 50, 3), maipg_grf.run_env_seeds(1, "train", 50, 4)
+    assert fresh == maipg_grf.env_seeds(1, "train", 50)
+    assert len(set(fresh) | set(after_3) | set(after_4)) == 150
+    assert after_3 == maipg_grf.run_env_seeds(1, "train", 50, 3)  # reproducible: a second resume from it draws the same
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the main process", "SIGINT to the process group"])
+def test_a_signal_checkpoints_closes_the_env_processes_exits_0_and_resumes(tmp_path, stop):
+    """Slurm's SIGTERM reaches the main process only, Ctrl-C's SIGINT the whole process group, env processes included:
+    those ignore it, so the main process ends the update, checkpoints, closes them and exits 0; the run then resumes."""
+    env = stub_gfootball(tmp_path)
+    flags = [*STUB_RUN[:-2], "--eval-interval", "0", "--update-epochs", "2", "--checkpoint-interval", "0"]
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *flags, "--total-timesteps", str(1000 * STUB_UPDATE_STEPS)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        start_new_session=True,  # its own process group, which the SIGINT goes to
+    )
+    first_line = process.stdout.readline()  # printed after update 1: the loop is running
+    assert first_line.startswith("update 1/1000"), first_line + process.stderr.read()
+    if stop.startswith("SIGTERM"):
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and stderr == "", stderr
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    assert f"{stop.split()[0]}: stopped after update " in stdout and "done:" not in stdout
+    assert f"; continue with --resume {os.path.relpath(checkpoint, tmp_path)}\n" in stdout
+    pids = [int(pid) for pid in os.listdir(tmp_path / "pids")]
+    assert len(pids) == 2 and not any(running(pid) for pid in pids)  # closed, and reaped by the main process
+    stopped_at = torch.load(checkpoint, weights_only=False)["update"]
+    total = str(STUB_UPDATE_STEPS * (stopped_at + 1))
+    result = run([*flags, "--total-timesteps", total, "--resume", checkpoint], tmp_path, env=env)
+    assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
+
+
+def test_bad_resume_is_one_line_and_writes_nothing(tmp_path):
+    run([*TINY, "--eval-interval", "0", "--checkpoint-interval", "1"], tmp_path, env=stub_gfootball(tmp_path))
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    with open(checkpoint, "rb") as f:
+        (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
+    torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
+    for flags, message in [
+        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
+        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_grf.py"),
+        (
+            ["--resume", checkpoint, "--scenario", "academy_corner"],
+            "--scenario cannot change on --resume (the run has 'academy_3_vs_1_with_keeper')",
+        ),
+    ]:
+        before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
+        result = run(flags, tmp_path, check=False)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr
+        assert sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True)) == before  # nothing written
