@@ -22,6 +22,7 @@ trajectories differ between mujoco 3.x and 4.x). It writes MUJOCO_LOG.TXT into t
 import copy
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +62,13 @@ class Args:
     """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
+    checkpoint_interval: int = 200
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (200 updates: about 11
+    minutes at the default settings on one CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    resume: str | None = None
+    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
+    envs' episodes start afresh); only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda and
+    --torch-threads may differ from the run's own flags"""
 
     # Environment
     env: str = "HalfCheetah"
@@ -137,13 +145,13 @@ MAMUJOCO_TASKS = {
 }
 
 
-def check_args(args: Args) -> None:
+def fail(message: str) -> None:
     """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    def fail(message: str) -> None:
-        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
+def check_args(args: Args) -> None:
     if args.env not in MAMUJOCO_TASKS:
         fail(f"--env must be one of {', '.join(MAMUJOCO_TASKS)}, got {args.env!r}")
     if args.agent_conf not in MAMUJOCO_TASKS[args.env]:
@@ -172,6 +180,8 @@ def check_args(args: Args) -> None:
         fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
     if args.eval_episodes < 1:
         fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
     if args.eval_only is not None and not os.path.isfile(args.eval_only):
         fail(f"--eval-only: no such file {args.eval_only!r}")
 
@@ -181,8 +191,80 @@ def require(module: str, install: str, flag: str):
     try:
         return __import__(module)
     except ImportError:
-        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{flag} needs {module}: {install}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
+# ---------------------------------------------------------------------------------------------------------------------
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+
+
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    return path, checkpoint
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():
+        generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -633,6 +715,16 @@ def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
 
 
+def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Multi-Agent MuJoCo
+    cannot save an env (its physics, time-limit count and generator live inside gymnasium wrappers), so a resumed run
+    starts new episodes; child `update` of each env's seed gives them a stream of their own, where the same seeds would
+    replay the run's first episodes."""
+    if update is None:
+        return seeds
+    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
+
+
 def make_envs(args, seeds, render_mode=None):
     """One env per seed (see env_seeds)."""
     return MaMuJoCoEnvs(args.env, args.agent_conf, seeds, args.max_episode_steps, render_mode)
@@ -666,6 +758,10 @@ def capture_video(actor, args, seed, hidden_dim, device, path):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume is not None:
+        args.resume, checkpoint = load_checkpoint(args.resume, os.path.basename(__file__))
+        args = resume_args(args, checkpoint)
     check_args(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = args.total_timesteps // args.batch_size
@@ -702,6 +798,8 @@ if __name__ == "__main__":
         sys.exit(0)
 
     run_name = f"{args.env}-{args.agent_conf.replace('|', '+')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else run_name
+    run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
     if args.track:
         wandb = require("wandb", "pip install wandb", "--track")
         wandb.init(
@@ -712,15 +810,18 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-    )
+    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
 
     # env setup: the mixer state is the env's global state, MaMuJoCo's state() (SPEC section 3)
-    envs = make_envs(args, env_seeds(args.seed, "train", args.num_envs))
-    eval_envs = make_envs(args, env_seeds(args.seed, "eval", args.eval_episodes))
+    resumed_after = checkpoint["update"] if checkpoint else None  # a resumed run's envs start afresh (see resumed_seeds)
+    envs = make_envs(args, resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after))
+    eval_envs = make_envs(args, resumed_seeds(env_seeds(args.seed, "eval", args.eval_episodes), resumed_after))
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.act_dim, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, envs.state_dim
     act_mask = torch.as_tensor(envs.act_mask, device=device)  # [N, A]: 1 on each agent's real action dimensions
@@ -741,6 +842,19 @@ if __name__ == "__main__":
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+    # what a checkpoint saves and --resume restores, besides the generators
+    stateful = {
+        "actor": actor,
+        "critic": critic,
+        "agent_q": agent_q,
+        "mixer": mixer,
+        "target_agent_q": target_agent_q,
+        "target_mixer": target_mixer,
+        "value_norm": value_norm,
+        "actor_optimizer": actor_optimizer,
+        "critic_optimizer": critic_optimizer,
+        "q_optimizer": q_optimizer,
+    }
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
     obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
@@ -762,14 +876,23 @@ if __name__ == "__main__":
     final_q_tot = torch.zeros(T, E, device=device)
 
     # TRY NOT TO MODIFY: start the game
-    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
     next_obs, next_state = envs.reset()
     obs[0], state[0], masks[0] = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_state, device=device), 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
     n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+    if checkpoint:  # --resume: everything as it was at the end of the checkpoint's update, but the envs' episodes
+        global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
+        last_return, eval_return = checkpoint["last_return"], checkpoint["eval_return"]
+        print("--resume: Multi-Agent MuJoCo's envs cannot be saved, so their episodes start afresh (new seeds, fresh memory)")
+    start_step, preemption = global_step, Preemption()
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    for update in range(1, args.num_updates + 1):
+    for update in range(start_update, args.num_updates + 1):
         # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
         for buffer in (time_limits, final_values, final_q_tot):
             buffer.zero_()
@@ -942,7 +1065,7 @@ if __name__ == "__main__":
             buffer[0] = buffer[T]
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
@@ -974,24 +1097,37 @@ if __name__ == "__main__":
                 flush=True,
             )
 
-    wall = time.time() - start_time
-    print(
-        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
-        f"env stepping took {env_time / wall:.0%} of the time"
-    )
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.pt"
-        checkpoint = {
-            "args": asdict(args),
-            **{
-                name: net.state_dict()
-                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
-            },
-            "value_norm": value_norm.state_dict(),
-        }
-        torch.save(checkpoint, model_path + ".tmp")
-        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
-        print(f"model saved to {model_path}")
+        # CHECKPOINT: the training state (not the envs'), every --checkpoint-interval updates and when a signal asks to stop.
+        # The running episodes' returns are not in it: a resumed run cannot continue those episodes.
+        if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
+            save_atomically(
+                {
+                    "script": os.path.basename(__file__),
+                    "args": asdict(args),
+                    "run_name": run_name,
+                    "update": update,
+                    "global_step": global_step,
+                    **{name: module.state_dict() for name, module in stateful.items()},
+                    "rng": rng_states({"diagnostics": diagnostics_rng}),
+                    "last_return": last_return,
+                    "eval_return": eval_return,
+                },
+                checkpoint_path,
+            )
+            if preemption.signal_name:
+                print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
+                break
+
+    if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
+        wall = time.time() - start_time
+        print(
+            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
+            f"env stepping took {env_time / wall:.0%} of the time"
+        )
+        if args.save_model:
+            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
+            print(f"model saved to {model_path}")
     envs.close()
     eval_envs.close()
     writer.close()

@@ -1,10 +1,12 @@
 """maipg_continuous.py: smoke runs on Multi-Agent MuJoCo (equal, unequal observation and unequal action sizes) and their
 logged scalars, save then --eval-only, videos, the training loop's chunks and padding (lr 0 runs), per-env seeds, the
 padded action dimensions, Q of the clipped action, the dpg gradient, the time-limit bootstrap, nu = 0 being MAPPO, bad
-input and the NaN stop."""
+input, the NaN stop, and checkpoints: --resume restoring the training state, SIGTERM, and bad checkpoints."""
 
 import glob
 import os
+import runpy
+import signal
 import subprocess
 import sys
 
@@ -366,3 +368,134 @@ def test_bad_input_and_nan_stop_from_the_command_line(tmp_path):
     result = run(["--learning-rate", "1e30", *flags], tmp_path, check=False)
     assert result.returncode != 0
     assert "update 2: the actor's actions are not finite" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, --resume and preemption
+# ---------------------------------------------------------------------------------------------------------------------
+def main(args, cwd, monkeypatch):
+    """Runs the script as `python maipg_continuous.py ARGS` in this process (no second import of torch and MuJoCo)
+    -> its globals, where the state the run ended with can be read. The signal handlers it installs are undone."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *args])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    try:
+        return runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+
+
+def assert_same(got, expected, where):
+    """Equal value for value, tensors and arrays exactly, through dicts, lists and tuples (state dicts, RNG states)."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(got) == len(expected), where
+        for i, (got_item, expected_item) in enumerate(zip(got, expected, strict=True)):
+            assert_same(got_item, expected_item, f"{where}[{i}]")
+    elif isinstance(expected, torch.Tensor | np.ndarray):
+        assert type(got) is type(expected) and np.array_equal(np.asarray(got), np.asarray(expected)), where
+    else:
+        assert got == expected, where
+
+
+def logged_steps(cwd):
+    """{tag: the steps it was logged at}, as TensorBoard reads them (a resumed run's purge applied)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [scalar.step for scalar in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_resume_restores_the_training_state_and_logs_on(tmp_path, monkeypatch, capsys):
+    """A run of 3 updates with a checkpoint after update 2. Resumed with no update left, the process holds the
+    checkpoint's networks, target copies, optimisers, ValueNorm and generators, tensor for tensor, and --save-model
+    writes them; resumed with 2 updates left, it says that the episodes start afresh, runs updates 3 and 4 only, and
+    TensorBoard shows each step once (the first run's update 3 purged)."""
+    main([*TINY, "--total-timesteps", "192", "--checkpoint-interval", "2", "--save-model"], tmp_path, monkeypatch)
+    (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["script"] == "maipg_continuous.py" and (checkpoint["update"], checkpoint["global_step"]) == (2, 128)
+    os.remove(saved_model(tmp_path))  # the resumed run must write its own
+    capsys.readouterr()
+    resumed = main(["--resume", path, "--total-timesteps", "128"], tmp_path, monkeypatch)
+    assert "update " not in capsys.readouterr().out
+    assert resumed["global_step"] == 128
+    for name, module in resumed["stateful"].items():
+        assert_same(module.state_dict(), checkpoint[name], name)
+    assert_same(resumed["rng_states"]({"diagnostics": resumed["diagnostics_rng"]}), checkpoint["rng"], "rng")
+    model = torch.load(saved_model(tmp_path), weights_only=True)
+    for part in mc.MODEL_PARTS:
+        assert_same(model[part], checkpoint[part], part)
+
+    main(["--resume", os.path.dirname(path), "--total-timesteps", "256"], tmp_path, monkeypatch)
+    out = capsys.readouterr().out
+    assert "--resume: Multi-Agent MuJoCo's envs cannot be saved, so their episodes start afresh" in out
+    assert "update 3/4" in out and "update 4/4" in out and "update 2/" not in out and "done: 256 env steps" in out
+    logged = logged_steps(tmp_path)
+    assert logged.pop("eval/episodic_return") == [256]  # the first run's evaluation at its last update, 192, is purged
+    assert logged and all(steps == [64, 128, 192, 256] for steps in logged.values()), logged
+
+
+def test_resumed_envs_draw_new_seeds():
+    """Resumed envs cannot continue their episodes; with the same seeds they would replay the run's first ones."""
+    seeds = mc.env_seeds(1, "train", 8)
+    assert mc.resumed_seeds(seeds, None) == seeds
+    after_2, after_3 = set(mc.resumed_seeds(seeds, 2)), set(mc.resumed_seeds(seeds, 3))
+    assert len(after_2) == 8 and not after_2 & set(seeds) and not after_2 & after_3
+    assert mc.resumed_seeds(seeds, 2) == mc.resumed_seeds(seeds, 2)  # resuming one checkpoint twice: the same run
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, monkeypatch, capsys):
+    flags = [*TINY, "--eval-interval", "0", "--checkpoint-interval", "0", "--save-model"]
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *flags, "--total-timesteps", "64000"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    first_line = process.stdout.readline()  # printed after update 1: the loop is running
+    assert first_line.startswith("update 1/1000"), first_line + process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    assert f"continue with --resume {os.path.relpath(path, tmp_path)}" in stdout and "SIGTERM: stopped after update" in stdout
+    assert "done:" not in stdout and not glob.glob(os.path.join(tmp_path, "runs", "*", "*.pt.tmp"))
+    assert not glob.glob(os.path.join(tmp_path, "runs", "*", "maipg_continuous.pt"))  # not complete: no model
+    stopped_at = torch.load(path, weights_only=False)["update"]
+    main(["--resume", path, "--total-timesteps", str(64 * (stopped_at + 1))], tmp_path, monkeypatch)
+    out = capsys.readouterr().out
+    assert f"update {stopped_at + 1}/{stopped_at + 1}" in out and "done:" in out and "model saved" in out
+
+
+def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    main([*TINY, "--checkpoint-interval", "1"], tmp_path, monkeypatch)
+    (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    with open(path, "rb") as f:
+        (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
+    torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
+    capsys.readouterr()
+    for flags, message in [
+        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
+        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_continuous.py"),
+        (["--resume", path, "--env", "Hopper"], "--env cannot change on --resume (the run has 'HalfCheetah')"),
+        (["--resume", path, "--agent-conf=6x1"], "--agent-conf cannot change on --resume (the run has '2x3')"),
+        (["--resume", path, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
+    ]:
+        before = sorted(glob.glob(os.path.join(tmp_path, "**"), recursive=True))
+        with pytest.raises(SystemExit) as exit_info:
+            main(flags, tmp_path, monkeypatch)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and f"maipg_continuous.py: error: {message}" in err, err
+        assert sorted(glob.glob(os.path.join(tmp_path, "**"), recursive=True)) == before  # nothing written
