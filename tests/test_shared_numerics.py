@@ -7,6 +7,7 @@ import glob
 import importlib
 import inspect
 import os
+import types
 
 import numpy as np
 import pytest
@@ -39,8 +40,12 @@ SHARED = [
     "set_rng_states",
     "save_atomically",
     "Preemption",
+    "raw_q",
+    "normalize_advantages",
+    "nu_at",
+    "grad_norm_ratio",
 ]
-DISCRETE = ["gumbel_straight_through", "dpg_loss"]
+DISCRETE = ["gumbel_straight_through", "dpg_loss", "actor_loss", "rollout_diagnostics"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -338,10 +343,106 @@ def test_dpg_loss_gradient_on_a_vdn_toy(discrete_script):
     q_values, weights = torch.randn(B, N, A), torch.tensor([1.0, 1, 0, 1, 1, 0])
     torch.manual_seed(5)
     mu = discrete_script.gumbel_straight_through(logits)
-    loss = discrete_script.dpg_loss(mu, q_values, torch.zeros(B, 1), discrete_script.VDNMixer(), weights)
+    loss = discrete_script.dpg_loss(mu, q_values, torch.zeros(B, 1), discrete_script.VDNMixer(), weights, None)
     (grad,) = torch.autograd.grad(loss, logits)
     torch.manual_seed(5)  # the same Gumbel noise, drawn as the function draws it
     probs = torch.softmax(logits.detach() - torch.empty_like(logits).exponential_().log(), -1)
-    expected = -probs * (q_values - (probs * q_values).sum(-1, keepdim=True)) * weights[:, None, None] / weights.sum()
-    torch.testing.assert_close(loss, -((mu * q_values).sum((-1, -2)) * weights).sum() / weights.sum())
+    expected = -probs * (q_values - (probs * q_values).sum(-1, keepdim=True)) * weights[:, None, None] / weights.sum() / N
+    torch.testing.assert_close(loss, -((mu * q_values).sum((-1, -2)) * weights).sum() / weights.sum() / N)
     torch.testing.assert_close(grad, expected)
+
+
+def test_dpg_loss_weighs_agents_as_l_clip_does(discrete_script):
+    """Eq. (10) sums both terms over agents, L_clip is a mean over them, so L_dpg is divided by N: duplicating every
+    agent (2N agents, same logits and Q-values) leaves the gradient of both terms on the shared actor unchanged (without
+    the division, L_dpg's doubled: per agent it weighed N times its share)."""
+    B, N, A = 5, 3, 4
+    shared = torch.randn(B, N, A, requires_grad=True)  # stands for the shared actor's output
+    q_values, state, mixer = torch.randn(B, N, A), torch.zeros(B, 1), discrete_script.VDNMixer()
+    advantages, old_logprobs, actions = torch.randn(B, N), torch.randn(B, N) - 1.5, torch.randint(0, A, (B, N))
+
+    def gradients(copies):
+        logits = torch.cat([shared] * copies, -2)
+        dpg = discrete_script.dpg_loss(logits.softmax(-1), q_values.repeat(1, copies, 1), state, mixer, torch.ones(B), None)
+        logprobs = torch.distributions.Categorical(logits=logits).log_prob(actions.repeat(1, copies))
+        pg = discrete_script.ppo_loss(
+            logprobs, old_logprobs.repeat(1, copies), advantages.repeat(1, copies), torch.ones(B, N * copies), 0.2
+        )[0]
+        return [torch.autograd.grad(loss, shared)[0] for loss in (dpg, pg)]
+
+    for one, two in zip(gradients(1), gradients(2), strict=True):
+        torch.testing.assert_close(one, two)
+
+
+def test_mu_probs_gives_the_expected_gradient(discrete_script):
+    """--mu probs: mu = softmax(logits), so on VDN the gradient of L_dpg is E_a~pi's, -(1/(B N)) p * (q - <p, q>), exactly,
+    with no sampling noise (Proposition 2's mu)."""
+    B, N, A = 4, 3, 5
+    logits, q_values = torch.randn(B, N, A, requires_grad=True), torch.randn(B, N, A)
+    mb = {"valid": torch.ones(B), "active_masks": torch.ones(B, N), "actions": torch.zeros(B, N, dtype=torch.long)}
+    mb |= {"logprobs": torch.zeros(B, N), "advantages": torch.zeros(B, N), "state": torch.zeros(B, 1)}
+    args = types.SimpleNamespace(mu="probs", dpg_clip=False, clip_coef=0.2, ent_coef=0.0)
+    loss, parts = discrete_script.actor_loss(logits, mb, q_values, discrete_script.VDNMixer(), None, 1.0, 1.0, args)
+    (grad,) = torch.autograd.grad(loss, logits)
+    probs = logits.detach().softmax(-1)
+    torch.testing.assert_close(grad, -probs * (q_values - (probs * q_values).sum(-1, keepdim=True)) / (B * N))
+    torch.testing.assert_close(parts["dpg_loss"], -(probs * q_values).sum((-1, -2)).mean() / N)
+
+
+def test_dpg_clip_zeroes_the_dpg_gradient_exactly_outside_the_ratio_range(discrete_script):
+    B, N, A = 6, 2, 4
+    logits, q_values = torch.randn(B, N, A, requires_grad=True), torch.randn(B, N, A)
+    actions = torch.randint(0, A, (B, N))
+    logprobs = torch.distributions.Categorical(logits=logits.detach()).log_prob(actions)
+    shift = torch.tensor([[0.0, 0.5], [-0.5, 0.1], [0.0, 0.0], [0.3, -0.1], [0.19, 0.0], [-0.25, 0.0]])  # log ratio
+    outside = ((-shift).exp() - 1).abs() > 0.2  # ratio = exp(logprobs - old logprobs)
+    assert 0 < outside.sum() < B * N
+    mb = {"valid": torch.ones(B), "active_masks": torch.ones(B, N), "actions": actions, "logprobs": logprobs + shift}
+    mb |= {"advantages": torch.zeros(B, N), "state": torch.zeros(B, 1)}
+    grads = {}
+    for dpg_clip in (False, True):
+        args = types.SimpleNamespace(mu="probs", dpg_clip=dpg_clip, clip_coef=0.2, ent_coef=0.0)
+        loss, _ = discrete_script.actor_loss(logits, mb, q_values, discrete_script.VDNMixer(), None, 1.0, 1.0, args)
+        grads[dpg_clip] = torch.autograd.grad(loss, logits)[0]
+    assert (grads[True][outside] == 0).all() and (grads[False][outside] != 0).all()
+    assert torch.equal(grads[True][~outside], grads[False][~outside])
+
+
+def test_normalize_advantages_and_the_advantage_scale(script):
+    raw, weights = torch.randn(7, 3, 2) * 40 + 5, (torch.rand(7, 3, 2) > 0.3).float()
+    advantages, std = script.normalize_advantages(raw, weights)
+    kept = raw[weights.bool()]
+    torch.testing.assert_close(std, kept.std(unbiased=False) + 1e-5)  # --dpg-scale advantage divides L_dpg by this
+    torch.testing.assert_close(advantages * std + kept.mean(), raw)
+
+
+def test_nu_warmup(script):
+    assert script.nu_at(0, 0.3, 1000) == 0.0 and script.nu_at(1000, 0.3, 1000) == 0.3
+    assert script.nu_at(250, 0.4, 1000) == pytest.approx(0.1) and script.nu_at(5000, 0.3, 1000) == 0.3
+    assert script.nu_at(0, 0.3, 0) == 0.3  # no warm-up
+
+
+def test_q_norm_round_trip_and_an_unsaturated_mixer_on_returns_of_minus_70(script):
+    """Trained on raw returns of about -70, spread's QMIX mixer saturated (issue 12: median dQ_tot/dQ_i fell to 2.5e-4);
+    fitted to such targets normalised (--q-norm), the mixer works at unit scale and its slope stays of order 1."""
+    torch.manual_seed(0)
+    targets = -70 + 5 * torch.randn(256)
+    q_norm = script.ValueNorm()
+    for _ in range(50):
+        q_norm.update(targets)
+    torch.testing.assert_close(script.raw_q(q_norm, q_norm.normalize(targets)), targets)
+    assert script.raw_q(None, targets) is targets
+    slopes = {}
+    for normalised in (False, True):
+        torch.manual_seed(1)
+        mixer, state = script.QMixer(3, 6), torch.randn(256, 6)
+        agent_qs = torch.zeros(256, 3, requires_grad=True)
+        optimizer = torch.optim.Adam([*mixer.parameters(), agent_qs], lr=1e-2)
+        goal = q_norm.normalize(targets) if normalised else targets
+        for _ in range(300):
+            optimizer.zero_grad()
+            ((mixer(agent_qs, state) - goal) ** 2).mean().backward()
+            optimizer.step()
+        (slope,) = torch.autograd.grad(mixer(agent_qs, state).sum(), agent_qs)
+        slopes[normalised] = slope.median().item()
+    assert 0.05 < slopes[True] < 20, slopes
