@@ -1,7 +1,8 @@
 """maipg_grf.py on the real Google Research Football engine: the scenario table against the installed package, the
 env's wrappers, smoke runs of the paper's five scenarios with env processes (their event files read back), save then
 --eval-only, env determinism, rendering, bad input. A stand-in env (StubFootballEnv) in the script's real env processes
-checks what needs exact episodes: success counted once per episode, the env seeds, and a dead or hung env process.
+checks what needs exact episodes: success counted once per episode, the env seeds, a dead or hung env process, and
+--resume (the restored training state, SIGTERM and Ctrl-C's SIGINT, bad checkpoints).
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
 (CI=true) a missing gfootball fails them instead, so CI cannot pass without running them."""
