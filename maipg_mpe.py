@@ -1310,7 +1310,9 @@ if __name__ == "__main__":
                     # mpe2's envs cannot be saved: None, and a resumed run starts their episodes afresh
                     "envs": envs.state_dict() if isinstance(envs, NumpyMPE) else None,
                     "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, NumpyMPE) else None,
-                    "carried": {name: buffer[0].cpu() for name, buffer in carried.items()},
+                    "carried": {
+                        name: buffer[0].clone().cpu() for name, buffer in carried.items()
+                    },  # a copy: a view saves the whole buffer
                     "episode_returns": episode_returns,
                     "episode_lengths": episode_lengths,
                 },
