@@ -25,9 +25,10 @@ import functools
 import multiprocessing as mp
 import os
 import random
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,6 +65,13 @@ class Args:
     """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes greedy episodes) instead of training"""
+    checkpoint_interval: int = 200
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (200 updates: about 10
+    minutes at the default settings on SMAX 2s3z; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    resume: str | None = None
+    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (bit
+    for bit on SMAX; StarCraft II's episodes start afresh); only --total-timesteps, --eval-interval,
+    --checkpoint-interval, --track, --cuda and --torch-threads may differ from the run's own flags"""
 
     # Environment
     map: str = "2s3z"
@@ -126,7 +134,7 @@ class Args:
 
 
 def fail(message: str) -> None:
-    """Stops the run with one line on stderr and exit status 2, no traceback."""
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -161,6 +169,8 @@ def check_args(args: Args) -> None:
         fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
     if args.eval_episodes < 1:
         fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
     if args.eval_only is not None and not os.path.isfile(args.eval_only):
         fail(f"--eval-only: no such file {args.eval_only!r}")
 
@@ -170,8 +180,80 @@ def require(module: str, install: str, flag: str):
     try:
         return __import__(module)
     except ImportError:
-        print(f"{os.path.basename(sys.argv[0])}: error: {flag} needs {module}: {install}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{flag} needs {module}: {install}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
+# ---------------------------------------------------------------------------------------------------------------------
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+
+
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    return path, checkpoint
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():
+        generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,6 +424,18 @@ class SmaxEnvs:
         self.key, self.states, out = self._step(self.key, self.states, np.asarray(actions, dtype=np.int32))
         return EnvStep(*map(np.array, out))  # copies: torch wants writable arrays
 
+    def state_dict(self) -> dict:
+        """Everything the next steps depend on (for --resume): the JAX key and the env states, as NumPy arrays."""
+        import jax
+
+        return {"key": jax.device_get(self.key), "states": jax.device_get(self.states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self.key, self.states = jnp.asarray(state["key"]), jax.tree.map(jnp.asarray, state["states"])
+
     def close(self):
         pass
 
@@ -358,6 +452,10 @@ def make_starcraft2_env(map_name: str, seed: int):
 
 def sc2_worker(remote, parent_remote, env_factory):
     """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
+    # Ctrl-C's SIGINT reaches the whole process group: the main process checkpoints, then closes the workers. Ignored
+    # here, and so in the game this worker starts (an ignored signal stays ignored across exec, unless the game
+    # handles it itself).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_remote.close()
     env = env_factory()
 
@@ -799,8 +897,13 @@ def make_envs(args: Args, backend: str, seeds: list[int]):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume is not None:
+        args.resume, checkpoint = load_checkpoint(args.resume, os.path.basename(__file__))
+        args = resume_args(args, checkpoint)
     check_args(args)
-    presets = apply_presets(args)
+    # a resumed run's args hold the presets already resolved: it keeps the record of where they came from
+    presets = checkpoint["presets"] if checkpoint else apply_presets(args)
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = args.total_timesteps // args.batch_size
 
@@ -829,8 +932,10 @@ if __name__ == "__main__":
         )
         sys.exit(0)
 
-    backend = resolve_backend(args)
-    run_name = f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # a resumed run keeps the backend it ran on, which auto might not pick again
+    backend = resolve_backend(replace(args, env_backend=checkpoint["backend"]) if checkpoint else args)
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
     if args.track:
         wandb = require("wandb", "pip install wandb", "--track")
         wandb.init(
@@ -841,15 +946,18 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-    )
-    writer.add_text(
-        "presets",
-        "|flag|value|from|\n|-|-|-|\n" + "\n".join(f"|{name}|{value}|{source}|" for name, (value, source) in presets.items()),
-    )
+    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
+        writer.add_text(
+            "presets",
+            "|flag|value|from|\n|-|-|-|\n"
+            + "\n".join(f"|{name}|{value}|{source}|" for name, (value, source) in presets.items()),
+        )
     print(f"{args.map} ({backend}): " + ", ".join(f"{name} {value} ({source})" for name, (value, source) in presets.items()))
 
     # env setup: sizes come from the env (SMAC and SMAX observe differently); the mixer state is the global state
@@ -874,6 +982,19 @@ if __name__ == "__main__":
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+    # what a checkpoint saves and --resume restores, besides generators, envs and the carried-over rollout slot
+    stateful = {
+        "actor": actor,
+        "critic": critic,
+        "agent_q": agent_q,
+        "mixer": mixer,
+        "target_agent_q": target_agent_q,
+        "target_mixer": target_mixer,
+        "value_norm": value_norm,
+        "actor_optimizer": actor_optimizer,
+        "critic_optimizer": critic_optimizer,
+        "q_optimizer": q_optimizer,
+    }
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
     obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
@@ -889,6 +1010,9 @@ if __name__ == "__main__":
     rollout_logits = torch.zeros(T, E, N, A, device=device)
     rewards = torch.zeros(T, E, device=device)  # the team reward (SMAC gives one; SMAX gives it to every ally)
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
+    # slot T of these becomes slot 0 of the next rollout: episodes continue across updates
+    carried = {"obs": obs, "state": state, "avail_actions": avail_actions, "masks": masks, "active_masks": active_masks}
+    carried |= {"actor_hidden": actor_hidden, "critic_hidden": critic_hidden, "q_hidden": q_hidden}
 
     def store(t, env_step):
         """Writes what the envs returned into slot t of the buffers."""
@@ -898,15 +1022,32 @@ if __name__ == "__main__":
         active_masks[t] = torch.as_tensor(env_step.alive, dtype=torch.float32, device=device)
 
     # TRY NOT TO MODIFY: start the game
-    global_step, env_time, start_time, last_print = 0, 0.0, time.time(), 0.0
+    global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
     store(0, envs.reset())
     masks[0] = 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
-    finished_returns, finished_lengths, finished_wins = [], [], []
+    finished_returns, finished_lengths, finished_wins = [], [], []  # emptied when logged, at the end of every update
     last_return, last_win_rate, eval_win_rate = float("nan"), float("nan"), float("nan")
     n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
+    if checkpoint:  # --resume: everything as it was at the end of the checkpoint's update
+        global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
+        for name, module in stateful.items():
+            module.load_state_dict(checkpoint[name])
+        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
+        last_return, last_win_rate, eval_win_rate = checkpoint["progress"]
+        if checkpoint["envs"] is None:
+            print("--resume: StarCraft II cannot be saved, so its episodes start afresh (SMAX's continue)")
+        else:
+            envs.load_state_dict(checkpoint["envs"])
+            if eval_envs is not None and checkpoint["eval_envs"] is not None:  # --eval-interval may have turned them on
+                eval_envs.load_state_dict(checkpoint["eval_envs"])
+            for name, buffer in carried.items():
+                buffer[0] = checkpoint["carried"][name]
+            episode_returns, episode_lengths = checkpoint["episode_returns"], checkpoint["episode_lengths"]
+    start_step, preemption = global_step, Preemption()
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    for update in range(1, args.num_updates + 1):
+    for update in range(start_update, args.num_updates + 1):
         # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
         for step in range(T):
             global_step += E
@@ -1056,11 +1197,11 @@ if __name__ == "__main__":
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
-        for buffer in (obs, state, avail_actions, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
+        for buffer in carried.values():
             buffer[0] = buffer[T]
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
@@ -1092,24 +1233,44 @@ if __name__ == "__main__":
                 flush=True,
             )
 
-    wall = time.time() - start_time
-    print(
-        f"done: {global_step} env steps in {wall:.0f} s, {int(global_step / wall)} SPS; "
-        f"env stepping took {env_time / wall:.0%} of the time"
-    )
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.pt"
-        checkpoint = {
-            "args": {**asdict(args), "env_backend": backend},
-            **{
-                name: net.state_dict()
-                for name, net in [("actor", actor), ("critic", critic), ("agent_q", agent_q), ("mixer", mixer)]
-            },
-            "value_norm": value_norm.state_dict(),
-        }
-        torch.save(checkpoint, model_path + ".tmp")
-        os.replace(model_path + ".tmp", model_path)  # atomic: a crash never leaves a half-written model
-        print(f"model saved to {model_path}")
+        # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
+        if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
+            save_atomically(
+                {
+                    "script": os.path.basename(__file__),
+                    "args": asdict(args),
+                    "backend": backend,
+                    "presets": presets,
+                    "run_name": run_name,
+                    "update": update,
+                    "global_step": global_step,
+                    **{name: module.state_dict() for name, module in stateful.items()},
+                    "rng": rng_states({"diagnostics": diagnostics_rng}),
+                    "progress": (last_return, last_win_rate, eval_win_rate),  # the latest values the progress line shows
+                    # StarCraft II cannot be saved: None, and a resumed run starts its episodes afresh
+                    "envs": envs.state_dict() if isinstance(envs, SmaxEnvs) else None,
+                    "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, SmaxEnvs) else None,
+                    "carried": {name: buffer[0].cpu() for name, buffer in carried.items()},
+                    "episode_returns": episode_returns,
+                    "episode_lengths": episode_lengths,
+                },
+                checkpoint_path,
+            )
+            if preemption.signal_name:
+                print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
+                break
+
+    if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
+        wall = time.time() - start_time
+        print(
+            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
+            f"env stepping took {env_time / wall:.0%} of the time"
+        )
+        if args.save_model:  # the backend it ran on, for --eval-only
+            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
+            save_atomically({"args": {**asdict(args), "env_backend": backend}, **model}, model_path)
+            print(f"model saved to {model_path}")
     envs.close()
     if eval_envs is not None:
         eval_envs.close()
