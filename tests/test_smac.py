@@ -1,12 +1,15 @@
 """maipg_smac.py: the smax backend for real (smoke runs, masking over many steps, save then --eval-only), the sc2 backend's
-worker and pipe code driven by a stand-in for StarCraft2Env (tests/sc2_standin.py), backend choice, presets and the
-one-line errors."""
+worker and pipe code driven by a stand-in for StarCraft2Env (tests/sc2_standin.py), backend choice, presets, the
+one-line errors, and checkpoints: a SIGKILLed SMAX run resumed is the uninterrupted run; SIGTERM and Ctrl-C checkpoint and
+exit 0, and a stand-in run resumes with its episodes afresh; bad --resume is one line."""
 
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -23,17 +26,30 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--num-envs", "2", "--num-steps", "20", "--total-timesteps", "80", "--update-epochs", "2", "--eval-episodes", "3"]
 
 
+def script_env(cwd, **env):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "SC2PATH": os.path.join(cwd, "no_game_here"), **env}
+
+
 def run(args, cwd, check=True, **env):
     result = subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "SC2PATH": os.path.join(cwd, "no_game_here"), **env},
+        [sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, env=script_env(cwd, **env)
     )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def start(args, cwd, **env):
+    """The script in a session of its own (so that a signal to its process group reaches it and its workers only)."""
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(str(cwd), **env),
+        start_new_session=True,
+    )
 
 
 def scalars(cwd, map_name):
@@ -253,3 +269,116 @@ def test_critic_input_is_zeros_and_id_for_dead_agents():
     assert (x[0, 1, :9] == 0).all() and (x[1, 0, :9] == 0).all()
     assert torch.equal(x[0, 1, 9:], torch.tensor([0.0, 1.0, 0.0])) and torch.equal(x[1, 0, 9:], torch.tensor([1.0, 0, 0]))
     assert torch.equal(x[0, 0, :5], state[0]) and torch.equal(x[0, 0, 5:9], obs[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, --resume and preemption
+# ---------------------------------------------------------------------------------------------------------------------
+# 10 updates, a checkpoint after update 5 (and 10); --update-epochs overrides a preset and --env-backend auto resolves
+# to smax: the resumed run repeats these flags, as sweep.py does
+RESUMABLE = ["--map", "3m", "--env-backend", "auto", "--num-envs", "2", "--num-steps", "20", "--update-epochs", "2"]
+RESUMABLE += ["--eval-interval", "2", "--eval-episodes", "2", "--save-model", "--checkpoint-interval", "5"]
+RESUMABLE += ["--total-timesteps", "400"]
+
+
+def logged(run_dir):
+    """Every logged scalar but the wall-clock SPS, as (step, value) pairs per tag."""
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag != "charts/SPS"}
+
+
+def last_logged_step(run_dir):
+    return max((step for pairs in logged(run_dir).values() for step, _ in pairs), default=0)
+
+
+def test_a_killed_and_resumed_smax_run_is_the_uninterrupted_run(smax_dir):
+    """SIGKILL after the checkpoint of update 5, once the process has logged later steps, then --resume: final weights,
+    ValueNorm statistics and every logged scalar, step for step, equal those of the same run left alone (SMAX's JAX key
+    and env states, train and eval, the generators and the carried-over rollout slot are all in the checkpoint; the
+    killed process's later points are purged)."""
+    runs, process = os.path.join(smax_dir, "runs"), None
+    try:
+        run([*RESUMABLE, "--exp-name", "resume_alone"], smax_dir)
+        process = start([*RESUMABLE, "--exp-name", "resume_killed"], smax_dir)
+        pattern, deadline = os.path.join(runs, "3m__resume_killed__*", "checkpoint.pt"), time.time() + 300
+        # until it has checkpointed update 5 (step 200) and logged a later step, which the resumed run must purge
+        checkpoints = []
+        while not checkpoints or last_logged_step(os.path.dirname(checkpoints[0])) <= 200:
+            assert process.poll() is None and time.time() < deadline, process.stderr.read()
+            time.sleep(0.05)
+            checkpoints = glob.glob(pattern)
+        process.kill()
+        process.wait()
+        (checkpoint,) = glob.glob(pattern)
+        assert torch.load(checkpoint, weights_only=False)["update"] == 5, "it checkpointed update 10 before the kill"
+        assert not glob.glob(os.path.join(runs, "*", "resume_killed.pt")), "it finished before the kill"
+        result = run([*RESUMABLE, "--exp-name", "resume_killed", "--resume", os.path.dirname(checkpoint)], smax_dir)
+        assert "update 10/10" in result.stdout and "afresh" not in result.stdout
+        ((alone_dir, alone_model), (killed_dir, resumed_model)) = [
+            (os.path.dirname(path), torch.load(path))
+            for name in ("alone", "killed")
+            for path in glob.glob(os.path.join(runs, f"3m__resume_{name}__*", f"resume_{name}.pt"))
+        ]
+        for part in ("actor", "critic", "agent_q", "mixer", "value_norm"):
+            for key, value in alone_model[part].items():
+                assert torch.equal(value, resumed_model[part][key]), f"{part}.{key}"
+        alone_logged = logged(alone_dir)
+        assert alone_logged == logged(killed_dir)
+        assert len(alone_logged["losses/q_loss"]) == 10 and len(alone_logged["eval/win_rate"]) == 5
+    finally:  # the other 3m tests of this folder expect one 3m run
+        if process is not None:
+            process.kill()
+            process.wait()
+        for run_dir in glob.glob(os.path.join(runs, "3m__resume_*")):
+            shutil.rmtree(run_dir)
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the script", "SIGINT to its group (Ctrl-C)"])
+def test_a_signal_checkpoints_exits_0_and_the_sc2_run_resumes_afresh(tmp_path, fake_game, to_group):
+    """SIGTERM to the script (Slurm, sweep.py) or SIGINT to its whole process group (Ctrl-C, which reaches the SC2
+    workers too, which ignore it): the script checkpoints at the end of the update, closes its workers and exits 0
+    naming the checkpoint; --resume completes the run, StarCraft II's episodes starting afresh (said in one line)."""
+    flags = ["--map", "3m", "--num-envs", "2", "--num-steps", "20", "--update-epochs", "1", "--eval-interval", "0"]
+    process = start([*flags, "--checkpoint-interval", "0", "--total-timesteps", "400000"], tmp_path, **fake_game)
+    line = ""
+    while not line.startswith("update ") and process.poll() is None:
+        line = process.stdout.readline()  # update 1 is printed after it ends: the loop is running
+    assert line.startswith("update 1/10000"), line + process.stderr.read()
+    signum = signal.SIGINT if to_group else signal.SIGTERM
+    os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and not stderr, stderr  # the workers too stopped without a traceback
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    stopped_at = torch.load(checkpoint, weights_only=False)["update"]
+    assert (
+        f"{signum.name}: stopped after update {stopped_at}; continue with --resume {os.path.relpath(checkpoint, tmp_path)}"
+        in stdout
+    )
+    assert "done:" not in stdout
+    total = ["--total-timesteps", str(40 * (stopped_at + 1)), "--checkpoint-interval", "1"]
+    result = run([*flags, *total, "--resume", checkpoint], str(tmp_path), **fake_game)
+    assert [line for line in result.stdout.splitlines() if "afresh" in line] == [
+        "--resume: StarCraft II cannot be saved, so its episodes start afresh (SMAX's continue)"
+    ]
+    assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
+    assert torch.load(checkpoint, weights_only=False)["update"] == stopped_at + 1
+
+
+def test_bad_resume_is_one_line(tmp_path, fake_game):
+    run(["--map", "3m", "--eval-interval", "0", "--checkpoint-interval", "1", *TINY], str(tmp_path), **fake_game)
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    with open(checkpoint, "rb") as f:
+        (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
+    torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
+    for flags, message in [
+        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
+        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_smac.py"),
+        (["--resume", checkpoint, "--map", "2s3z"], "--map cannot change on --resume (the run has '3m')"),
+    ]:
+        before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
+        result = run(flags, str(tmp_path), check=False, **fake_game)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr
+        assert sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True)) == before  # nothing written
