@@ -1,8 +1,9 @@
 """maipg_grf.py on the real Google Research Football engine: the scenario table against the installed package, the
 env's wrappers, smoke runs of the paper's five scenarios with env processes (their event files read back), save then
 --eval-only, env determinism, rendering, bad input. A stand-in env (StubFootballEnv) in the script's real env processes
-checks what needs exact episodes: success counted once per episode, the env seeds, a dead or hung env process, and
---resume (the restored training state, SIGTERM and Ctrl-C's SIGINT, bad checkpoints).
+checks what needs exact episodes: success counted once per episode, the env seeds, a dead or hung env process, nu = 0
+still MAPPO under every flag of issue 12, and --resume (the restored training state, --q-norm's statistics included,
+SIGTERM and Ctrl-C's SIGINT, bad checkpoints).
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
 (CI=true) a missing gfootball fails them instead, so CI cannot pass without running them."""
@@ -44,6 +45,7 @@ TINY = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", "32", "--up
 LOGGED_EVERY_UPDATE = {
     "charts/SPS",
     "charts/learning_rate",
+    "charts/nu",
     "charts/q_tot_mean",
     "losses/policy_loss",
     "losses/dpg_loss",
@@ -54,6 +56,9 @@ LOGGED_EVERY_UPDATE = {
     "losses/clipfrac",
     "losses/explained_variance",
     "diagnostics/rvar",
+    "diagnostics/mixer_slope",
+    "diagnostics/q_gap",
+    "diagnostics/dpg_grad_ratio",
 }
 
 # The stand-in's episodes: STUB_EPISODE_LENGTH steps each, and episode k scores STUB_GOALS[k % 4] (step -> score_reward):
@@ -494,7 +499,7 @@ def test_a_resumed_run_continues_with_the_restored_training_state(tmp_path):
     (checkpoint_path,) = glob.glob(os.path.join(resumed, "runs", "*", "checkpoint.pt"))
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert checkpoint["update"] == 2 and checkpoint["global_step"] == 2 * STUB_UPDATE_STEPS
-    stateful = ["target_agent_q", "target_mixer", "actor_optimizer", "critic_optimizer", "q_optimizer"]
+    stateful = ["target_agent_q", "target_mixer", "q_norm", "actor_optimizer", "critic_optimizer", "q_optimizer"]
     assert set(maipg_grf.MODEL_PARTS + ("rng", "last_success", "eval_success", *stateful)) <= set(checkpoint)
 
     result = run([*RESUMABLE, "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--resume", checkpoint_path], resumed, env=env)
@@ -512,6 +517,26 @@ def test_a_resumed_run_continues_with_the_restored_training_state(tmp_path):
     assert alone_logged == resumed_logged
     assert [step for step, _ in resumed_logged["diagnostics/rvar"]] == [32, 64, 96, 128]
     assert [step for step, _ in resumed_logged["eval/success_rate"]] == [64, 128]
+
+
+def test_nu_zero_is_mappo_under_every_flag(tmp_path):
+    """With nu = 0 the actor and V must not depend on the Q branch: two runs from the same seed whose Q branches differ
+    completely (mixer, TD(lambda), target rate, Q normalisation, every option of L_dpg of issue 12) end with identical
+    actor and V parameters (so they also saw the same rollouts), and different Q-networks. (That nu > 0 reaches the
+    actor through Q_tot is tested on the losses themselves, in test_shared_numerics.py: two more runs here cost 20 s.)"""
+    q_branch = ["--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5", "--no-q-norm", "--dpg-clip", "--mu", "probs"]
+    q_branch += ["--dpg-scale", "advantage", "--nu-warmup", str(STUB_UPDATE_STEPS)]
+    runs = {}
+    for name, extra in {"default": [], "flags": q_branch}.items():
+        cwd = tmp_path / name
+        cwd.mkdir()
+        flags = [*RESUMABLE, "--eval-interval", "0", "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--nu", "0"]
+        run([*flags, *extra], cwd, env=stub_gfootball(cwd))
+        runs[name] = saved_model(cwd)
+    assert runs["flags"]["args"]["mixer"] == "vdn" and not runs["flags"]["args"]["q_norm"]
+    assert runs["flags"]["args"]["mu"] == "probs" and runs["flags"]["args"]["dpg_scale"] == "advantage"
+    assert_same_tensors(runs["default"], runs["flags"], ["actor", "critic", "value_norm"])
+    assert not torch.equal(runs["default"]["agent_q"]["head.weight"], runs["flags"]["agent_q"]["head.weight"])
 
 
 def test_resumed_envs_draw_engine_seeds_of_their_own():
