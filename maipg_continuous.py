@@ -3,11 +3,12 @@
 Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
 deterministic, low-variance term: the actor minimises
 
-    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)),
+    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)) / N,
 
-where L_clip is MAPPO's clipped surrogate on GAE advantages, Q_tot is a factorized Q-function (per-agent Q_i mixed by
-QMIX or VDN) learned with TD(lambda), and mu is the deterministic policy: for continuous actions the mean of the
-Gaussian pi_i (section 3.2), so L_dpg's gradient flows through the mean as in DDPG. nu trades bias for variance: nu = 0
+where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N: eq. (10)
+weighs the two terms (1 - nu) : nu per agent), Q_tot is a factorized Q-function (per-agent Q_i mixed by QMIX or VDN)
+learned with TD(lambda), and mu is the deterministic policy: for continuous actions the mean of the Gaussian pi_i
+(section 3.2), so L_dpg's gradient flows through the mean as in DDPG. nu trades bias for variance: nu = 0
 is exactly MAPPO, larger nu leans on the learned Q_tot. The paper reports no continuous-control setting: every
 hyper-parameter below that differs from MAPPO's defaults is our choice (SPEC section 7).
 
@@ -96,6 +97,17 @@ class Args:
     """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
+    dpg_scale: str = "raw"
+    """raw: L_dpg in reward units against normalised advantages; advantage: L_dpg divided by the rollout's
+    raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
+    q_norm: bool = True
+    """if toggled, Q_tot learns normalised TD(lambda) targets (running statistics like ValueNorm, saved in checkpoints),
+    so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot is used wherever reward units are meant"""
+    dpg_clip: bool = False
+    """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
+    pi further from the behaviour policy than L_clip may"""
+    nu_warmup: int = 0
+    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers (0: no warm-up)"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -158,6 +170,10 @@ def check_args(args: Args) -> None:
         fail(f"--agent-conf of {args.env} must be one of {', '.join(MAMUJOCO_TASKS[args.env])}, got {args.agent_conf!r}")
     if args.mixer not in ("qmix", "vdn"):
         fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if args.dpg_scale not in ("raw", "advantage"):
+        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    if args.nu_warmup < 0:
+        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
     if not 0.0 <= args.nu <= 1.0:
         fail(f"--nu must be in [0, 1], got {args.nu}")
     for flag, value in [
@@ -609,17 +625,36 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights):
-    """L_dpg = -Q_tot(s, clip(mu(o))) (eq. (10), second term) with mu = the Gaussian mean [*batch, N, act_dim], clipped
-    as the env clips it (no gradient along a dimension beyond its bound). q_features [*batch, N, H] (AgentQ's trunk),
-    state [*batch, S], weights [*batch]. The Q-network and mixer enter as constants, so the gradient reaches only the
-    actor, through mu (its mean head and trunk; not the log-std)."""
+def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights, q_norm):
+    """L_dpg = -Q_tot(s, clip(mu(o))) / N in reward units (eq. (10), second term: divided by the number of agents N, as
+    L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)), with mu = the
+    Gaussian mean [*batch, N, act_dim], clipped as the env clips it (no gradient along a dimension beyond its bound).
+    q_features [*batch, N, H] (AgentQ's trunk), state [*batch, S], weights [*batch]; q_norm: Q_tot's normaliser or None.
+    The Q-network and mixer enter as constants, so the gradient reaches only the actor, through mu (its mean head and
+    trunk; not the log-std)."""
     frozen_head = {name: param.detach() for name, param in agent_q.head.named_parameters()}
     head_input = torch.cat([q_features.detach(), agent_q.executed(mu)], -1)
     agent_qs = torch.func.functional_call(agent_q.head, frozen_head, (head_input,))
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
-    q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs.squeeze(-1), state))
-    return -weighted_mean(q_tot, weights)
+    q_tot = raw_q(q_norm, torch.func.functional_call(mixer, frozen_mixer, (agent_qs.squeeze(-1), state)))
+    return -weighted_mean(q_tot, weights) / mu.shape[-2]
+
+
+def raw_q(q_norm, q_tot):
+    """Q_tot in reward units: denormalised with --q-norm (q_norm a ValueNorm), as it is without (q_norm None)."""
+    return q_tot if q_norm is None else q_norm.denormalize(q_tot)
+
+
+def normalize_advantages(raw_advantages, weights):
+    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
+    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
+    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
+
+
+def nu_at(global_step, nu, warmup_steps):
+    """--nu-warmup: nu rises linearly from 0 (at step 0) to nu (at warmup_steps), so Q_hat fits before it steers."""
+    return nu * min(1.0, global_step / warmup_steps) if warmup_steps > 0 else nu
 
 
 def soft_update(target, source, tau):
@@ -639,28 +674,72 @@ def grad_variance(grads):
     return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
 
 
-def actor_loss(mean, log_std, mb, q_features, agent_q, mixer, act_mask, nu, clip_coef, ent_coef):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H.
-    mean [L, B, N, act_dim], q_features [L, B, N, H]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+def gaussian_actor_loss(mean, log_std, mb, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale, args):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
+    L_dpg divided by dpg_scale (1, or the advantages' std). mean [L, B, N, act_dim], log_std [act_dim], q_features
+    [L, B, N, H], act_mask [N, act_dim]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
     weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
-    logprobs, entropy = gaussian_log_prob_entropy(mean, log_std, mb["actions"], act_mask)
-    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, clip_coef)
+    logprobs, entropy = gaussian_log_prob_entropy(mean, log_std, mb["actions"], act_mask)  # [L, B, N], per agent
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
     entropy = weighted_mean(entropy, weights)
-    # nu = 0 skips the Q branch entirely, so the run is MAPPO's
-    dpg = gaussian_dpg_loss(mean, q_features, mb["state"], agent_q, mixer, mb["valid"]) if nu > 0 else torch.zeros(())
-    loss = (1 - nu) * pg_loss + nu * dpg - ent_coef * entropy
+    dpg = torch.zeros(())
+    if nu > 0:  # nu = 0 skips the Q branch entirely, so the run is MAPPO's
+        mu = mean  # [L, B, N, act_dim]
+        if args.dpg_clip:  # where PPO's ratio left [1 - clip, 1 + clip], mu enters as a constant: no DPG gradient
+            inside = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef  # [L, B, N]
+            mu = torch.where(inside.unsqueeze(-1), mean, mean.detach())
+        dpg = gaussian_dpg_loss(mu, q_features, mb["state"], agent_q, mixer, mb["valid"], q_norm) / dpg_scale
+    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
     return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
-def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, actor, args, k=8):
+def grad_norm_ratio(numerator, denominator, params):
+    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
+    norms = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
+        for loss in (numerator, denominator)
+    ]
+    return norms[0] / norms[1].clamp(min=1e-12)
+
+
+def gaussian_rollout_diagnostics(
+    raw_advantages, weights, q_features, actions, means, log_std, act_mask, state, agent_q, mixer, q_norm, rng, k=8
+):
+    """The per-update diagnostics of the rollout ([T, E, N] weights; q_features [T, E, N, H]; actions and pi's means
+    [T, E, N, act_dim]): rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section
+    4.1, Figure 1); mixer_slope: median dQ_tot/dQ_i at the taken (clipped) actions (near 0 the mixer is saturated and
+    L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units, slope * (max_k Q_i(a^k) -
+    min_k Q_i(a^k)) over the same k samples (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a) of the
+    rollout's real steps (no padding)."""
+    T, E, N, H = q_features.shape
+    q_taken = agent_q.q(q_features, actions).requires_grad_()  # [T, E, N]
+    with torch.enable_grad():
+        q_tot_taken = mixer(q_taken, state)  # [T, E]
+        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
+    q_tot_taken = raw_q(q_norm, q_tot_taken.detach())
+    noise = torch.randn(k, *actions.shape, generator=rng, device=actions.device)
+    sampled = (means + log_std.exp() * noise) * act_mask  # [k, T, E, N, act_dim]
+    q_sampled = agent_q.q(q_features.expand(k, T, E, N, H), sampled)  # [k, T, E, N]
+    control_variate = q_tot_taken - raw_q(q_norm, mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    q_scale = 1.0 if q_norm is None else q_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active = weights.bool()
+    return {
+        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "mixer_slope": slope[active].median(),
+        "q_gap": (q_scale * slope * (q_sampled.amax(0) - q_sampled.amin(0)))[active].median(),
+        "q_tot_mean": q_tot_taken.mean(),
+    }
+
+
+def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale, actor, args, k=8):
     """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
     n_chunks = mb["valid"].shape[1]
     group = torch.arange(n_chunks, device=mean.device) % min(k, n_chunks)  # chunk -> sub-batch
     grads = []
     for g in range(min(k, n_chunks)):
         sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = actor_loss(
-            mean, log_std, sub_batch, q_features, agent_q, mixer, act_mask, args.nu, args.clip_coef, args.ent_coef
+        loss, _ = gaussian_actor_loss(
+            mean, log_std, sub_batch, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale, args
         )
         grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
     return grad_variance(torch.stack(grads))
@@ -837,6 +916,7 @@ if __name__ == "__main__":
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)
+    q_norm = ValueNorm().to(device) if args.q_norm else None  # Q_tot's targets' statistics (--q-norm)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
@@ -851,6 +931,7 @@ if __name__ == "__main__":
         "target_agent_q": target_agent_q,
         "target_mixer": target_mixer,
         "value_norm": value_norm,
+        **({"q_norm": q_norm} if q_norm is not None else {}),
         "actor_optimizer": actor_optimizer,
         "critic_optimizer": critic_optimizer,
         "q_optimizer": q_optimizer,
@@ -893,6 +974,7 @@ if __name__ == "__main__":
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
+        nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
         # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
         for buffer in (time_limits, final_values, final_q_tot):
             buffer.zero_()
@@ -937,7 +1019,7 @@ if __name__ == "__main__":
                     final_values[step] = critic(last_critic_in, critic_hidden[step + 1], no_reset)[0][0]
                     last_mu = actor(actor_input(last_obs), actor_hidden[step + 1], no_reset, act_mask)[0][0]
                     last_features = target_agent_q(last_critic_in, q_hidden[step + 1], no_reset)[0][0]
-                    final_q_tot[step] = target_mixer(target_agent_q.q(last_features, last_mu), last_state[0])
+                    final_q_tot[step] = raw_q(q_norm, target_mixer(target_agent_q.q(last_features, last_mu), last_state[0]))
             episode_returns += team_rewards
             episode_lengths += 1
             if dones.any():
@@ -957,26 +1039,34 @@ if __name__ == "__main__":
             )
             returns = raw_advantages + values_raw[:T]
             active = active_masks[:T]
-            # advantages are normalised once per rollout, over the active agents (MAPPO)
-            adv_mean, adv_std = weighted_mean(raw_advantages, active), weighted_var(raw_advantages, active).sqrt()
-            advantages = (raw_advantages - adv_mean) / (adv_std + 1e-5)
+            advantages, adv_std = normalize_advantages(raw_advantages, active)
+            dpg_scale = adv_std if args.dpg_scale == "advantage" else 1.0  # L_dpg's divisor (--dpg-scale)
 
             # Qhat'_t at the actions taken, and at mu(o_T) for the bootstrap at the segment end. The target network
             # starts from the online Q's stored hidden state (stale, as MAPPO's chunk starts are).
             target_features = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, H]
             mu_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], act_mask)[0][0]  # [E, N, A]
             target_agent_qs = target_agent_q.q(target_features, torch.cat([actions, mu_last[None]]))  # [T+1, E, N]
+            q_tot_target = raw_q(q_norm, target_mixer(target_agent_qs, state))  # [T+1, E], reward units
             q_rewards = time_limit_rewards(rewards, final_q_tot, time_limits, args.gamma)  # [T, E]
-            q_returns = td_lambda_targets(q_rewards, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda)
+            q_returns = td_lambda_targets(q_rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
-            # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
+            # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
             q_features = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, H]
-            q_tot_taken = mixer(agent_q.q(q_features, actions), state[:T])  # [T, E]
-            noise = torch.randn(8, T, E, N, A, generator=diagnostics_rng, device=device)
-            sampled = (rollout_means + actor.log_std.exp() * noise) * act_mask  # [8, T, E, N, A]
-            q_sampled = agent_q.q(q_features.expand(8, T, E, N, H), sampled)  # [8, T, E, N]
-            control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
-            rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+            diagnostics = gaussian_rollout_diagnostics(
+                raw_advantages,
+                active,
+                q_features,
+                actions,
+                rollout_means,
+                actor.log_std,
+                act_mask,
+                state[:T],
+                agent_q,
+                mixer,
+                q_norm,
+                diagnostics_rng,
+            )
 
         # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
         # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
@@ -1008,7 +1098,7 @@ if __name__ == "__main__":
 
         # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
         n_chunks = n_windows * E
-        stats, grad_var = {}, None
+        stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
             for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
                 mb = {name: x[:, mb_chunks] for name, x in batch.items()}
@@ -1018,11 +1108,14 @@ if __name__ == "__main__":
                 q_features = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, H]
                 new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
-                loss, parts = actor_loss(
-                    mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, args.nu, args.clip_coef, args.ent_coef
-                )
-                if args.log_grad_var and grad_var is None:
-                    grad_var = actor_grad_variance(mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, actor, args)
+                loss_inputs = (mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale)
+                loss, parts = gaussian_actor_loss(*loss_inputs, args)
+                first_minibatch = not stats
+                if first_minibatch and nu > 0:
+                    actor_params = list(actor.parameters())
+                    dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
+                if first_minibatch and args.log_grad_var:
+                    grad_var = actor_grad_variance(*loss_inputs, actor, args)
                 valid = mb["valid"].bool()
                 value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
                 weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
@@ -1030,7 +1123,11 @@ if __name__ == "__main__":
                     new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
                 )
                 q_tot = mixer(agent_q.q(q_features, mb["actions"]), mb["state"])  # [L, B]
-                q_loss = weighted_mean((q_tot - mb["q_returns"]) ** 2, mb["valid"])
+                q_targets = mb["q_returns"]
+                if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
+                    q_norm.update(q_targets[valid])
+                    q_targets = q_norm.normalize(q_targets)
+                q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
 
                 losses = {
                     "policy_loss": parts["policy_loss"],
@@ -1056,8 +1153,7 @@ if __name__ == "__main__":
                 soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                q_tot_mean = weighted_mean(q_tot, mb["valid"])  # over real steps, not the last chunk's padding
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot_mean}.items():
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
@@ -1069,10 +1165,13 @@ if __name__ == "__main__":
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/nu", nu, global_step)
         for name, value in stats.items():
-            writer.add_scalar(f"charts/{name}" if name == "q_tot_mean" else f"losses/{name}", value.item(), global_step)
+            writer.add_scalar(f"losses/{name}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
-        writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
+        writer.add_scalar("charts/q_tot_mean", diagnostics.pop("q_tot_mean").item(), global_step)
+        for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items():
+            writer.add_scalar(f"diagnostics/{name}", value.item(), global_step)
         if grad_var is not None:
             writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
         if finished_returns:
@@ -1093,7 +1192,7 @@ if __name__ == "__main__":
             last_print = time.time()
             print(
                 f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
-                f"return {last_return:.2f} | eval {eval_return:.2f} | rvar {rvar_value.item():.3f}",
+                f"return {last_return:.2f} | eval {eval_return:.2f} | rvar {diagnostics['rvar'].item():.3f}",
                 flush=True,
             )
 

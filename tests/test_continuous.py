@@ -1,7 +1,8 @@
 """maipg_continuous.py: smoke runs on Multi-Agent MuJoCo (equal, unequal observation and unequal action sizes) and their
 logged scalars, save then --eval-only, videos, the training loop's chunks and padding (lr 0 runs), per-env seeds, the
-padded action dimensions, Q of the clipped action, the dpg gradient, the time-limit bootstrap, nu = 0 being MAPPO, bad
-input, the NaN stop, and checkpoints: --resume restoring the training state, SIGTERM, and bad checkpoints."""
+padded action dimensions, Q of the clipped action, the dpg gradient, L_dpg's per-agent weight (1 / N) and --dpg-clip's
+exact zeros, the time-limit bootstrap, nu = 0 being MAPPO under every flag of issue 12, bad input, the NaN stop, and
+checkpoints: --resume restoring the training state (--q-norm's statistics included), SIGTERM, and bad checkpoints."""
 
 import glob
 import os
@@ -53,7 +54,8 @@ def scalars(cwd):
 
 LOGGED = {"charts/SPS", "charts/learning_rate", "charts/q_tot_mean", "charts/episodic_return", "charts/episodic_length"}
 LOGGED |= {f"losses/{name}" for name in ("policy_loss", "dpg_loss", "value_loss", "q_loss", "entropy", "approx_kl")}
-LOGGED |= {"losses/clipfrac", "losses/explained_variance", "diagnostics/rvar", "eval/episodic_return"}
+LOGGED |= {"losses/clipfrac", "losses/explained_variance", "diagnostics/rvar", "eval/episodic_return", "charts/nu"}
+LOGGED |= {"diagnostics/mixer_slope", "diagnostics/q_gap", "diagnostics/dpg_grad_ratio"}
 
 
 def assert_logged_and_finite(cwd, expected):
@@ -116,7 +118,7 @@ def test_learning_rate_zero_gives_exactly_zero_kl_and_clipfrac(lr_zero_runs):
 def test_chunk_padding_carries_no_weight_in_the_training_loop(lr_zero_runs):
     """The first update sees the same rollout in both runs (lr 0; the chunking changes only the training pass, and the
     random numbers from the second rollout on), so every loss must agree: padded steps entering any of them (they did
-    in charts/q_tot_mean) would move it by ~1/6."""
+    in charts/q_tot_mean, which now comes from the rollout, as the other diagnostics do) would move it by ~1/6."""
     padded, unpadded = lr_zero_runs[10], lr_zero_runs[25]
     for tag in [tag for tag in padded if tag.startswith("losses/")] + ["charts/q_tot_mean"]:
         np.testing.assert_allclose(padded[tag][0], unpadded[tag][0], rtol=1e-5, atol=1e-5, err_msg=tag)
@@ -219,7 +221,7 @@ def test_dpg_gradient_reaches_the_mean_head_and_not_the_log_std():
     critic_in = mc.critic_input(obs, state)
     q_features, _ = agent_q(critic_in, torch.zeros(3, N, H), masks)
     critic(critic_in, torch.zeros(3, N, H), masks)
-    mc.gaussian_dpg_loss(mean, q_features, state, agent_q, mixer, torch.ones(5, 3)).backward()
+    mc.gaussian_dpg_loss(mean, q_features, state, agent_q, mixer, torch.ones(5, 3), None).backward()
     assert actor.head.weight.grad.abs().sum() > 0 and actor.trunk.gru.weight_ih_l0.grad.abs().sum() > 0
     assert actor.log_std.grad is None or (actor.log_std.grad == 0).all()
     for module in (critic, agent_q, mixer):
@@ -252,10 +254,62 @@ def test_q_sees_the_clipped_action_and_dpg_has_no_gradient_beyond_the_bound():
     assert not torch.allclose(q, agent_q.head(torch.cat([features, actions], -1)).squeeze(-1))  # unclipped differs
     # mu beyond the bound on agent 0's dimensions 0 and 2 and agent 1's dimension 1: no gradient there, some elsewhere
     mu = torch.tensor([[2.0, 0.5, -3.0], [0.1, -0.9, 0.0]]).expand(4, 6, N, A).clone().requires_grad_()
-    mc.gaussian_dpg_loss(mu, features, state, agent_q, mixer, torch.ones(4, 6)).backward()
+    mc.gaussian_dpg_loss(mu, features, state, agent_q, mixer, torch.ones(4, 6), None).backward()
     beyond = torch.tensor([[True, False, True], [False, True, False]])
     assert (mu.grad[..., beyond] == 0).all()
     assert (mu.grad[..., 0, 1] != 0).all() and (mu.grad[..., 1, 0] != 0).all()
+
+
+def test_dpg_loss_weighs_agents_as_l_clip_does():
+    """Eq. (10) sums both terms over agents, L_clip is a mean over them, so L_dpg is divided by N: duplicating every
+    agent (2N agents, same means, Q-features and bounds; VDN) leaves the gradient of both terms on the shared actor's
+    means unchanged (without the division, L_dpg's doubled: per agent it weighed N times its share)."""
+    torch.manual_seed(0)
+    B, N, A, H = 5, 3, 2, 8
+    shared = torch.empty(B, N, A).uniform_(-0.9, 0.9).requires_grad_()  # the shared actor's means, inside the bounds
+    features, log_std, actions = torch.randn(B, N, H), torch.tensor([0.2, -0.3]), torch.randn(B, N, A)
+    advantages, old_logprobs = torch.randn(B, N), torch.randn(B, N) - 2.0
+    head = mc.AgentQ(H, A, H, False, -torch.ones(N, A), torch.ones(N, A)).head.state_dict()
+
+    def gradients(copies):
+        agent_q = mc.AgentQ(H, A, H, False, -torch.ones(copies * N, A), torch.ones(copies * N, A))
+        agent_q.head.load_state_dict(head)
+        mean, state = torch.cat([shared] * copies, -2), torch.zeros(B, 1)
+        dpg = mc.gaussian_dpg_loss(mean, features.repeat(1, copies, 1), state, agent_q, mc.VDNMixer(), torch.ones(B), None)
+        act_mask = torch.ones(copies * N, A)
+        logprobs = mc.gaussian_log_prob_entropy(mean, log_std, actions.repeat(1, copies, 1), act_mask)[0]
+        repeat = [x.repeat(1, copies) for x in (old_logprobs, advantages)]
+        pg = mc.ppo_loss(logprobs, *repeat, torch.ones(B, copies * N), 0.2)[0]
+        return [torch.autograd.grad(loss, shared)[0] for loss in (dpg, pg)]
+
+    for one, two in zip(gradients(1), gradients(2), strict=True):
+        assert one.abs().sum() > 0
+        torch.testing.assert_close(one, two)
+
+
+def test_dpg_clip_zeroes_the_dpg_gradient_on_the_means_exactly_outside_the_ratio_range():
+    """--dpg-clip: mu = the mean enters as a constant for the agent-steps whose PPO ratio, from the log-prob summed over
+    that agent's real action dimensions, left [0.8, 1.2]; elsewhere the DPG gradient is the unclipped one, bit for bit.
+    Agent 1 has 2 real dimensions out of 3 (its third is padded: bounds 0, no gradient either way)."""
+    torch.manual_seed(0)
+    B, N, A, H, S = 6, 2, 3, 8, 4
+    act_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    agent_q, mixer = mc.AgentQ(H, A, H, False, -act_mask, act_mask), mc.QMixer(N, S)
+    mean = (torch.empty(B, N, A).uniform_(-0.9, 0.9) * act_mask).requires_grad_()  # inside the bounds
+    log_std, actions = torch.tensor([0.1, -0.2, 0.3]), torch.randn(B, N, A) * act_mask
+    logprobs = mc.gaussian_log_prob_entropy(mean.detach(), log_std, actions, act_mask)[0]  # [B, N]
+    shift = torch.tensor([[0.0, 0.5], [-0.5, 0.1], [0.0, 0.0], [0.3, -0.1], [0.19, 0.0], [-0.25, 0.0]])  # -log ratio
+    outside = ((-shift).exp() - 1).abs() > 0.2  # ratio = exp(logprobs - old logprobs)
+    assert 0 < outside.sum() < B * N
+    mb = {"valid": torch.ones(B), "active_masks": torch.ones(B, N), "actions": actions, "logprobs": logprobs + shift}
+    mb |= {"advantages": torch.zeros(B, N), "state": torch.randn(B, S)}
+    features, grads = torch.randn(B, N, H), {}
+    for dpg_clip in (False, True):
+        args = mc.Args(dpg_clip=dpg_clip, ent_coef=0.0)
+        loss, _ = mc.gaussian_actor_loss(mean, log_std, mb, features, agent_q, mixer, act_mask, None, 1.0, 1.0, args)
+        grads[dpg_clip] = torch.autograd.grad(loss, mean)[0]  # [B, N, A]: nu = 1, so L_dpg's gradient alone
+    assert (grads[True][outside] == 0).all() and (grads[False][outside][:, :2] != 0).all()  # dims 0, 1: real for both
+    assert torch.equal(grads[True][~outside], grads[False][~outside])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,21 +368,25 @@ def test_time_limit_gae_without_time_limits_is_the_shared_gae():
 # ---------------------------------------------------------------------------------------------------------------------
 # nu = 0 is MAPPO; bad input; the NaN stop
 # ---------------------------------------------------------------------------------------------------------------------
-def test_nu_zero_is_mappo(tmp_path):
-    """nu = 0: actor and V do not depend on the Q branch (mixer, TD(lambda), target rate); nu > 0 (the control): they do."""
+def test_nu_zero_is_mappo(tmp_path, monkeypatch):
+    """nu = 0: actor and V do not depend on the Q branch (mixer, TD(lambda), target rate, Q normalisation, every option
+    of L_dpg); nu > 0 (the control): they do. Runs in this process (see main), 2 updates each."""
     params = {}
     for name, extra in {
         "qmix": ["--nu", "0"],
         "vdn": ["--nu", "0", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
+        # every flag of issue 12 at once: with nu = 0 none of them may touch the actor or V
+        "flags": ["--nu", "0", "--no-q-norm", "--dpg-clip", "--dpg-scale", "advantage", "--nu-warmup", "100"],
         "qmix_nu": ["--nu", "0.5"],
         "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
     }.items():
         os.makedirs(tmp_path / name)
-        run([*extra, "--save-model", "--eval-interval", "0", *TINY], tmp_path / name)
-        params[name] = torch.load(saved_model(tmp_path / name), weights_only=True)
+        run_globals = main([*extra, "--eval-interval", "0", *TINY, "--total-timesteps", "128"], tmp_path / name, monkeypatch)
+        params[name] = {net: run_globals["stateful"][net].state_dict() for net in ("actor", "critic")}
     for net in ("actor", "critic"):
         for key, value in params["qmix"][net].items():
-            assert torch.equal(value, params["vdn"][net][key]), f"nu = 0: {net}.{key} depends on the Q branch"
+            for other in ("vdn", "flags"):
+                assert torch.equal(value, params[other][net][key]), f"nu = 0, {other}: {net}.{key} depends on the Q branch"
     assert not torch.equal(params["qmix_nu"]["actor"]["head.weight"], params["vdn_nu"]["actor"]["head.weight"])
 
 
@@ -339,6 +397,8 @@ def test_nu_zero_is_mappo(tmp_path):
         (["--env", "Hopper", "--agent-conf", "2x3"], "--agent-conf of Hopper must be one of 3x1"),
         (["--nu", "1.5"], "--nu must be in [0, 1]"),
         (["--mixer", "qtran"], "--mixer must be qmix or vdn"),
+        (["--dpg-scale", "td"], "--dpg-scale must be raw or advantage"),
+        (["--nu-warmup=-1"], "--nu-warmup must be >= 0 env steps"),
         (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1"),
         (["--total-timesteps", "100"], "--total-timesteps (100) is smaller than one rollout"),
         (["--num-minibatches", "801"], "--num-minibatches must be in [1, 800]"),
@@ -423,6 +483,7 @@ def test_resume_restores_the_training_state_and_logs_on(tmp_path, monkeypatch, c
     (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["script"] == "maipg_continuous.py" and (checkpoint["update"], checkpoint["global_step"]) == (2, 128)
+    assert checkpoint["q_norm"]["debiasing_term"] > 0  # --q-norm's statistics travel with the run (and are compared below)
     os.remove(saved_model(tmp_path))  # the resumed run must write its own
     capsys.readouterr()
     resumed = main(["--resume", path, "--total-timesteps", "128"], tmp_path, monkeypatch)
