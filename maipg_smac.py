@@ -1250,7 +1250,7 @@ if __name__ == "__main__":
                     # StarCraft II cannot be saved: None, and a resumed run starts its episodes afresh
                     "envs": envs.state_dict() if isinstance(envs, SmaxEnvs) else None,
                     "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, SmaxEnvs) else None,
-                    "carried": {name: buffer[0].cpu() for name, buffer in carried.items()},
+                    "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
                     "episode_returns": episode_returns,
                     "episode_lengths": episode_lengths,
                 },
