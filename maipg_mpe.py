@@ -205,7 +205,8 @@ def require(module: str, install: str, flag: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
 # ---------------------------------------------------------------------------------------------------------------------
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
+# what --save-model writes, with the args (q_norm: with --q-norm)
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm", "q_norm")
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
 
 
@@ -221,7 +222,7 @@ def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
         fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    return path, checkpoint
+    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
 
 
 def resume_args(args: Args, checkpoint: dict) -> Args:
@@ -249,8 +250,9 @@ def set_rng_states(states: dict, generators: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-    for name, generator in generators.items():
-        generator.set_state(states[name])
+    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
+        if states[name].numel() == generator.get_state().numel():
+            generator.set_state(states[name])
 
 
 def save_atomically(obj, path: str) -> None:
@@ -1310,9 +1312,7 @@ if __name__ == "__main__":
                     # mpe2's envs cannot be saved: None, and a resumed run starts their episodes afresh
                     "envs": envs.state_dict() if isinstance(envs, NumpyMPE) else None,
                     "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, NumpyMPE) else None,
-                    "carried": {
-                        name: buffer[0].clone().cpu() for name, buffer in carried.items()
-                    },  # a copy: a view saves the whole buffer
+                    "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
                     "episode_returns": episode_returns,
                     "episode_lengths": episode_lengths,
                 },
@@ -1330,7 +1330,10 @@ if __name__ == "__main__":
         )
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
+            save_atomically(
+                {"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS if name in stateful}},
+                model_path,
+            )
             print(f"model saved to {model_path}")
     envs.close()
     eval_envs.close()

@@ -326,7 +326,7 @@ def test_dpg_loss_reaches_only_the_actor():
     critic_in = mpe.critic_input(obs, state)
     q_values, _ = agent_q(critic_in, torch.zeros(2, N, H), masks)
     values, _ = critic(critic_in, torch.zeros(2, N, H), masks)
-    loss = mpe.dpg_loss(mpe.gumbel_straight_through(logits), q_values, state, mixer, torch.ones(4, 2))
+    loss = mpe.dpg_loss(mpe.gumbel_straight_through(logits), q_values, state, mixer, torch.ones(4, 2), None)
     assert q_values.requires_grad and loss.requires_grad  # Q and the mixer are in the forward graph: the check can fail
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
@@ -422,27 +422,24 @@ def test_nu_warmup(script):
     assert script.nu_at(0, 0.3, 0) == 0.3  # no warm-up
 
 
-def test_q_norm_round_trip_and_an_unsaturated_mixer_on_returns_of_minus_70(script):
+def test_q_norm_round_trip_and_an_unsaturated_mixer_on_returns_of_minus_70():
     """Trained on raw returns of about -70, spread's QMIX mixer saturated (issue 12: median dQ_tot/dQ_i fell to 2.5e-4);
-    fitted to such targets normalised (--q-norm), the mixer works at unit scale and its slope stays of order 1."""
+    fitted to such targets normalised (--q-norm), the mixer works at unit scale and its slope stays of order 1. (The
+    mixer, ValueNorm and raw_q are byte-identical in every script: one script checks them all.)"""
+    mpe = importlib.import_module("maipg_mpe")
     torch.manual_seed(0)
-    targets = -70 + 5 * torch.randn(256)
-    q_norm = script.ValueNorm()
+    targets = -70 + 5 * torch.randn(128)
+    q_norm = mpe.ValueNorm()
     for _ in range(50):
         q_norm.update(targets)
-    torch.testing.assert_close(script.raw_q(q_norm, q_norm.normalize(targets)), targets)
-    assert script.raw_q(None, targets) is targets
-    slopes = {}
-    for normalised in (False, True):
-        torch.manual_seed(1)
-        mixer, state = script.QMixer(3, 6), torch.randn(256, 6)
-        agent_qs = torch.zeros(256, 3, requires_grad=True)
-        optimizer = torch.optim.Adam([*mixer.parameters(), agent_qs], lr=1e-2)
-        goal = q_norm.normalize(targets) if normalised else targets
-        for _ in range(300):
-            optimizer.zero_grad()
-            ((mixer(agent_qs, state) - goal) ** 2).mean().backward()
-            optimizer.step()
-        (slope,) = torch.autograd.grad(mixer(agent_qs, state).sum(), agent_qs)
-        slopes[normalised] = slope.median().item()
-    assert 0.05 < slopes[True] < 20, slopes
+    torch.testing.assert_close(mpe.raw_q(q_norm, q_norm.normalize(targets)), targets)
+    assert mpe.raw_q(None, targets) is targets
+    mixer, state = mpe.QMixer(3, 6), torch.randn(128, 6)
+    agent_qs = torch.zeros(128, 3, requires_grad=True)
+    optimizer = torch.optim.Adam([*mixer.parameters(), agent_qs], lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        ((mixer(agent_qs, state) - q_norm.normalize(targets)) ** 2).mean().backward()
+        optimizer.step()
+    (slope,) = torch.autograd.grad(mixer(agent_qs, state).sum(), agent_qs)
+    assert 0.05 < slope.median() < 20, slope.median()
