@@ -3,10 +3,11 @@
 Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
 deterministic, low-variance term: the actor minimises
 
-    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)),
+    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)) / N,
 
-where L_clip is MAPPO's clipped surrogate on GAE advantages, Q_tot is a factorized Q-function (per-agent Q_i mixed by
-QMIX or VDN) learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through
+where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N: eq. (10)
+weighs the two terms (1 - nu) : nu per agent), Q_tot is a factorized Q-function (per-agent Q_i mixed by QMIX or VDN)
+learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through
 Gumbel-Softmax sample over the available actions). nu trades bias for variance: nu = 0 is exactly MAPPO.
 
     python maipg_smac.py --map 2s3z --nu 0.3            # the paper's SMAC settings (App. D, Table 3), nu overridden
@@ -94,6 +95,20 @@ class Args:
     """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO (preset: 0.4 on easy maps, 0.3 on hard and super hard)"""
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
+    mu: str = "gumbel"
+    """the deterministic policy mu of L_dpg: gumbel (section 3.2's straight-through hard sample) or probs (the softmax
+    probabilities, E_xi[f(s, xi)] of Proposition 2: the expected, all-action gradient, without sampling noise)"""
+    dpg_scale: str = "raw"
+    """raw: L_dpg in reward units against normalised advantages (App. D, which compensates with a small nu); advantage:
+    L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
+    q_norm: bool = True
+    """if toggled, Q_tot learns normalised TD(lambda) targets (running statistics like ValueNorm, saved with the model),
+    so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot is used wherever reward units are meant"""
+    dpg_clip: bool = False
+    """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
+    pi further from the behaviour policy than L_clip may"""
+    nu_warmup: int = 0
+    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers (0: no warm-up)"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -147,6 +162,12 @@ def check_args(args: Args) -> None:
         fail(f"--env-backend must be auto, sc2 or smax, got {args.env_backend!r}")
     if args.mixer not in ("qmix", "vdn"):
         fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if args.mu not in ("gumbel", "probs"):
+        fail(f"--mu must be gumbel or probs, got {args.mu!r}")
+    if args.dpg_scale not in ("raw", "advantage"):
+        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    if args.nu_warmup < 0:
+        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
     if args.nu is not None and not 0.0 <= args.nu <= 1.0:
         fail(f"--nu must be in [0, 1], got {args.nu}")
     for flag, value in [
@@ -186,7 +207,8 @@ def require(module: str, install: str, flag: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
 # ---------------------------------------------------------------------------------------------------------------------
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
+# what --save-model writes, with the args (q_norm: with --q-norm)
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm", "q_norm")
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
 
 
@@ -202,7 +224,7 @@ def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
         fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    return path, checkpoint
+    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
 
 
 def resume_args(args: Args, checkpoint: dict) -> Args:
@@ -230,8 +252,9 @@ def set_rng_states(states: dict, generators: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-    for name, generator in generators.items():
-        generator.set_state(states[name])
+    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
+        if states[name].numel() == generator.get_state().numel():
+            generator.set_state(states[name])
 
 
 def save_atomically(obj, path: str) -> None:
@@ -765,14 +788,32 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def dpg_loss(mu, q_values, state, mixer, weights):
-    """L_dpg = -Q_tot(s, mu(o)) (eq. (10), second term). mu [*batch, N, A] (straight-through one-hot), q_values
-    [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as constants, so the gradient
-    reaches only the actor, through mu."""
+def dpg_loss(mu, q_values, state, mixer, weights, q_norm):
+    """L_dpg = -Q_tot(s, mu(o)) / N in reward units (eq. (10), second term: divided by the number of agents N, as
+    L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)). mu [*batch, N, A]
+    (one-hot or probabilities), q_values [*batch, N, A], state [*batch, S], weights [*batch]; q_norm: Q_tot's
+    normaliser or None. Q-values and mixer weights enter as constants, so the gradient reaches only the actor, via mu."""
     agent_qs = (mu * q_values.detach()).sum(-1)
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
-    q_tot = torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state))
-    return -weighted_mean(q_tot, weights)
+    q_tot = raw_q(q_norm, torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
+    return -weighted_mean(q_tot, weights) / mu.shape[-2]
+
+
+def raw_q(q_norm, q_tot):
+    """Q_tot in reward units: denormalised with --q-norm (q_norm a ValueNorm), as it is without (q_norm None)."""
+    return q_tot if q_norm is None else q_norm.denormalize(q_tot)
+
+
+def normalize_advantages(raw_advantages, weights):
+    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
+    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
+    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
+
+
+def nu_at(global_step, nu, warmup_steps):
+    """--nu-warmup: nu rises linearly from 0 (at step 0) to nu (at warmup_steps), so Q_hat fits before it steers."""
+    return nu * min(1.0, global_step / warmup_steps) if warmup_steps > 0 else nu
 
 
 def soft_update(target, source, tau):
@@ -792,27 +833,77 @@ def grad_variance(grads):
     return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
 
 
-def actor_loss(logits, mb, q_values, mixer, nu, clip_coef, ent_coef):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H.
-    logits and q_values [L, B, N, A]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+def actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
+    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
+    rollout tensors. -> (loss, dict of its parts)"""
     dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
     weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
-    pg_loss, approx_kl, clipfrac = ppo_loss(dist.log_prob(mb["actions"]), mb["logprobs"], mb["advantages"], weights, clip_coef)
+    logprobs = dist.log_prob(mb["actions"])
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
     entropy = weighted_mean(dist.entropy(), weights)
-    # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
-    dpg = dpg_loss(gumbel_straight_through(logits), q_values, mb["state"], mixer, mb["valid"]) if nu > 0 else torch.zeros(())
-    loss = (1 - nu) * pg_loss + nu * dpg - ent_coef * entropy
+    dpg = torch.zeros(())
+    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+        mu = gumbel_straight_through(logits) if args.mu == "gumbel" else dist.probs  # [L, B, N, A]
+        if args.dpg_clip:  # where PPO's ratio left [1 - clip, 1 + clip], mu enters as a constant: no DPG gradient
+            inside = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef  # [L, B, N]
+            mu = torch.where(inside.unsqueeze(-1), mu, mu.detach())
+        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], q_norm) / dpg_scale
+    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
     return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
-def actor_grad_variance(logits, mb, q_values, mixer, actor, args, k=8):
+def grad_norm_ratio(numerator, denominator, params):
+    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
+    norms = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
+        for loss in (numerator, denominator)
+    ]
+    return norms[0] / norms[1].clamp(min=1e-12)
+
+
+def rollout_diagnostics(
+    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, q_norm, rng, joint_q, k=8
+):
+    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
+    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
+    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
+    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
+    of the rollout's real steps (no padding)."""
+    T, E, N, A = q_values.shape
+    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
+    with torch.enable_grad():
+        q_tot_taken = mixer(q_taken, state)  # [T, E]
+        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
+    q_tot_taken = raw_q(q_norm, q_tot_taken.detach())
+    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
+    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    control_variate = q_tot_taken - raw_q(q_norm, mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    unavailable = avail_actions == 0
+    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
+    q_scale = 1.0 if q_norm is None else q_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active = weights.bool()
+    stats = {
+        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "mixer_slope": slope[active].median(),
+        "q_gap": (q_scale * slope * q_range)[active].median(),
+        "q_tot_mean": q_tot_taken.mean(),
+    }
+    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
+        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
+        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
+    return stats
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args, k=8):
     """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
     n_chunks = mb["valid"].shape[1]
     group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
     grads = []
     for g in range(min(k, n_chunks)):
         sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, q_norm, nu, dpg_scale, args)
         grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
     return grad_variance(torch.stack(grads))
 
@@ -977,6 +1068,7 @@ if __name__ == "__main__":
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)
+    q_norm = ValueNorm().to(device) if args.q_norm else None  # Q_tot's targets' statistics (--q-norm)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
@@ -991,6 +1083,7 @@ if __name__ == "__main__":
         "target_agent_q": target_agent_q,
         "target_mixer": target_mixer,
         "value_norm": value_norm,
+        **({"q_norm": q_norm} if q_norm is not None else {}),
         "actor_optimizer": actor_optimizer,
         "critic_optimizer": critic_optimizer,
         "q_optimizer": q_optimizer,
@@ -1048,6 +1141,7 @@ if __name__ == "__main__":
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
+        nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
         # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
         for step in range(T):
             global_step += E
@@ -1093,9 +1187,8 @@ if __name__ == "__main__":
             raw_advantages = gae(rewards, values_raw, masks, args.gamma, args.gae_lambda)  # [T, E, N]
             returns = raw_advantages + values_raw[:T]
             active = active_masks[:T]
-            # advantages are normalised once per rollout, over the active agents (MAPPO)
-            adv_mean, adv_std = weighted_mean(raw_advantages, active), weighted_var(raw_advantages, active).sqrt()
-            advantages = (raw_advantages - adv_mean) / (adv_std + 1e-5)
+            advantages, adv_std = normalize_advantages(raw_advantages, active)
+            dpg_scale = adv_std if args.dpg_scale == "advantage" else 1.0  # L_dpg's divisor (--dpg-scale)
 
             # Qhat'_t at the actions taken, and at the greedy mu(o_T) for the bootstrap at the segment end. The target
             # network starts from the online Q's stored hidden state (stale, as MAPPO's chunk starts are).
@@ -1103,16 +1196,24 @@ if __name__ == "__main__":
             greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
             target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
             target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
-            q_returns = td_lambda_targets(rewards, target_mixer(target_agent_qs, state), masks, args.gamma, args.td_lambda)
+            q_tot_target = raw_q(q_norm, target_mixer(target_agent_qs, state))  # [T+1, E], reward units
+            q_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
-            # diagnostics/rvar: C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (K = 8), as a control variate of A
+            # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
-            q_tot_taken = mixer(q_values_online.gather(-1, actions.unsqueeze(-1)).squeeze(-1), state[:T])  # [T, E]
-            probs = rollout_logits.softmax(-1).reshape(-1, A)
-            sampled = torch.multinomial(probs, 8, replacement=True, generator=diagnostics_rng).T.reshape(8, T, E, N)
-            q_sampled = q_values_online.expand(8, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-            control_variate = q_tot_taken - mixer(q_sampled, state[:T].expand(8, T, E, state_dim)).mean(0)
-            rvar_value = rvar(raw_advantages, control_variate.unsqueeze(-1), active)
+            diagnostics = rollout_diagnostics(
+                raw_advantages,
+                active,
+                q_values_online,
+                actions,
+                rollout_logits.softmax(-1),
+                avail_actions[:T],
+                state[:T],
+                mixer,
+                q_norm,
+                diagnostics_rng,
+                None,
+            )
 
         # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
         # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
@@ -1145,7 +1246,7 @@ if __name__ == "__main__":
 
         # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
         n_chunks = n_windows * E
-        stats, grad_var = {}, None
+        stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
             for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
                 mb = {name: x[:, mb_chunks] for name, x in batch.items()}
@@ -1155,9 +1256,13 @@ if __name__ == "__main__":
                 q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
                 new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
-                loss, parts = actor_loss(logits, mb, q_values, mixer, args.nu, args.clip_coef, args.ent_coef)
-                if args.log_grad_var and grad_var is None:
-                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, actor, args)
+                loss, parts = actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args)
+                first_minibatch = not stats
+                if first_minibatch and nu > 0:
+                    actor_params = list(actor.parameters())
+                    dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
+                if first_minibatch and args.log_grad_var:
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args)
                 valid = mb["valid"].bool()
                 value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
                 # MAPPO's SMAC scripts pass --use_value_active_masks, which turns value active masking OFF: dead
@@ -1167,7 +1272,11 @@ if __name__ == "__main__":
                     new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
                 )
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
-                q_loss = weighted_mean((q_tot - mb["q_returns"]) ** 2, mb["valid"])
+                q_targets = mb["q_returns"]
+                if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
+                    q_norm.update(q_targets[valid])
+                    q_targets = q_norm.normalize(q_targets)
+                q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
 
                 losses = {
                     "policy_loss": parts["policy_loss"],
@@ -1193,7 +1302,7 @@ if __name__ == "__main__":
                 soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss, "q_tot_mean": q_tot.mean()}.items():
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
@@ -1205,10 +1314,13 @@ if __name__ == "__main__":
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
         writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/nu", nu, global_step)
         for name, value in stats.items():
-            writer.add_scalar(f"charts/{name}" if name == "q_tot_mean" else f"losses/{name}", value.item(), global_step)
+            writer.add_scalar(f"losses/{name}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
-        writer.add_scalar("diagnostics/rvar", rvar_value.item(), global_step)
+        writer.add_scalar("charts/q_tot_mean", diagnostics.pop("q_tot_mean").item(), global_step)
+        for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items():
+            writer.add_scalar(f"diagnostics/{name}", value.item(), global_step)
         if grad_var is not None:
             writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
         if finished_returns:
@@ -1229,7 +1341,7 @@ if __name__ == "__main__":
             last_print = time.time()
             print(
                 f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f} | "
-                f"win rate {last_win_rate:.2f} | eval win rate {eval_win_rate:.2f} | rvar {rvar_value.item():.3f}",
+                f"win rate {last_win_rate:.2f} | eval win rate {eval_win_rate:.2f} | rvar {diagnostics['rvar'].item():.3f}",
                 flush=True,
             )
 
@@ -1268,7 +1380,7 @@ if __name__ == "__main__":
         )
         if args.save_model:  # the backend it ran on, for --eval-only
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
+            model = {name: stateful[name].state_dict() for name in MODEL_PARTS if name in stateful}
             save_atomically({"args": {**asdict(args), "env_backend": backend}, **model}, model_path)
             print(f"model saved to {model_path}")
     envs.close()

@@ -135,7 +135,8 @@ def test_smax_smoke_2s3z_and_auto_says_smax(smax_dir):
     assert "--env-backend auto: using smax" in result.stdout and "not comparable to StarCraft II" in result.stdout
     assert "update 2/2" in result.stdout and "env stepping took" in result.stdout
     events = scalars(smax_dir, "2s3z")
-    assert {"eval/win_rate", "eval/episodic_return", "diagnostics/rvar", "diagnostics/grad_var"} <= set(
+    new_diagnostics = {"charts/nu", "diagnostics/mixer_slope", "diagnostics/q_gap", "diagnostics/dpg_grad_ratio"}
+    assert {"eval/win_rate", "eval/episodic_return", "diagnostics/rvar", "diagnostics/grad_var", *new_diagnostics} <= set(
         events.Tags()["scalars"]
     )
     assert len(events.Scalars("eval/win_rate")) == 2
