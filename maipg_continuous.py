@@ -859,7 +859,10 @@ if __name__ == "__main__":
 
     # --eval-only: load a saved model, evaluate it with mu, optionally render, and stop
     if args.eval_only is not None:
-        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        except Exception as error:
+            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes})
         envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
         actor = Actor(envs.obs_dim + envs.num_agents, envs.act_dim, saved.hidden_dim, saved.recurrent).to(device)

@@ -919,7 +919,10 @@ if __name__ == "__main__":
 
     # --eval-only: load a saved model, evaluate it greedily, optionally render, and stop
     if args.eval_only is not None:
-        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        except Exception as error:
+            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
         eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, saved.num_envs))
         envs = FootballEnvs(saved.scenario, eval_seeds, args.num_workers, args.env_timeout)

@@ -1008,7 +1008,10 @@ if __name__ == "__main__":
 
     # --eval-only: load a saved model, evaluate it greedily and stop
     if args.eval_only is not None:
-        checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
+        except Exception as error:
+            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
         # the backend the model was trained on, unless one is given (observation sizes differ between backends)
         backend = checkpoint["args"]["env_backend"] if args.env_backend == "auto" else args.env_backend
         saved = Args(**{**checkpoint["args"], "env_backend": backend})

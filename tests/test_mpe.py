@@ -276,6 +276,7 @@ def test_bad_resume_is_one_line(tmp_path):
         (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_mpe.py"),
         (["--resume", checkpoint, "--task", "line"], "--task cannot change on --resume (the run has 'spread')"),
         (["--resume", checkpoint, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
+        (["--eval-only", checkpoint], "is not a model saved by --save-model (UnpicklingError)"),
     ]:
         before = sorted(glob.glob(os.path.join(tmp_path, "runs", "*", "*")))
         result = run(flags, tmp_path, check=False)
