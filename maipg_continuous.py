@@ -797,10 +797,10 @@ def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
 
 
 def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
-    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Multi-Agent MuJoCo
-    cannot save an env (its physics, time-limit count and generator live inside gymnasium wrappers), so a resumed run
-    starts new episodes; child `update` of each env's seed gives them a stream of their own, where the same seeds would
-    replay the run's first episodes."""
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
+    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
+    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
+    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
     if update is None:
         return seeds
     return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]

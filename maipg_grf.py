@@ -321,13 +321,14 @@ def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
 
 
-def run_env_seeds(seed: int, stream: str, num_envs: int, resumed_after: int) -> list[int]:
-    """env_seeds, for a run that is not resumed (resumed_after = 0). A run resumed after update u starts its envs
-    afresh (gfootball's engine state cannot be saved, and each env's generator of episode seeds lives in its env
-    process): with the run's own seeds they would replay its first episodes, so env i takes a seed derived from its
-    own and u."""
-    seeds = env_seeds(seed, stream, num_envs)
-    return [int(np.random.SeedSequence([s, resumed_after]).generate_state(1)[0]) for s in seeds] if resumed_after else seeds
+def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
+    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
+    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
+    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
+    if update is None:
+        return seeds
+    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
 
 
 def make_football_env(scenario: str, seed: int):
@@ -967,14 +968,14 @@ if __name__ == "__main__":
 
     # env setup, before any torch work (the env processes are forked): the mixer state of GRF is the concatenation of
     # all agents' observations (SPEC section 3)
-    resumed_after = checkpoint["update"] if checkpoint else 0
-    train_seeds = run_env_seeds(args.seed, "train", args.num_envs, resumed_after)
+    resumed_after = checkpoint["update"] if checkpoint else None  # a resumed run's envs start afresh (resumed_seeds)
+    train_seeds = resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after)
     envs = FootballEnvs(args.scenario, train_seeds, args.num_workers, args.env_timeout)
     # evaluation envs of their own (about 60 MB per engine), only if there are evaluations
-    eval_seeds = run_env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs), resumed_after)
+    eval_seeds = resumed_seeds(env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs)), resumed_after)
     eval_envs = FootballEnvs(args.scenario, eval_seeds, args.num_workers, args.env_timeout) if args.eval_interval > 0 else None
     video_envs = (
-        FootballEnvs(args.scenario, run_env_seeds(args.seed, "video", 1, resumed_after), 1, args.env_timeout)
+        FootballEnvs(args.scenario, resumed_seeds(env_seeds(args.seed, "video", 1), resumed_after), 1, args.env_timeout)
         if args.capture_video and eval_envs is not None
         else None
     )

@@ -930,6 +930,16 @@ def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
 
 
+def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
+    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
+    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
+    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
+    if update is None:
+        return seeds
+    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
+
+
 def make_envs(args, seeds, render_mode=None):
     """One env per seed (see env_seeds): the NumPy port, or mpe2 when asked for or rendering."""
     if args.env_backend == "mpe2" or render_mode is not None:
@@ -1005,8 +1015,9 @@ if __name__ == "__main__":
         )
 
     # env setup: the mixer state of MPE is the concatenation of all agents' observations (App. D)
-    envs = make_envs(args, env_seeds(args.seed, "train", args.num_envs))
-    eval_envs = make_envs(args, env_seeds(args.seed, "eval", args.eval_episodes))
+    resumed_after = checkpoint["update"] if checkpoint else None  # mpe2's envs start afresh on --resume (resumed_seeds)
+    envs = make_envs(args, resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after))
+    eval_envs = make_envs(args, resumed_seeds(env_seeds(args.seed, "eval", args.eval_episodes), resumed_after))
     E, N, A, H, T = args.num_envs, args.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim
 

@@ -978,6 +978,16 @@ def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
 
 
+def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
+    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
+    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
+    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
+    if update is None:
+        return seeds
+    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
+
+
 def make_envs(args: Args, backend: str, seeds: list[int]):
     """One env per seed (see env_seeds). SMAX's envs share one JAX key, drawn from the first seed."""
     if backend == "sc2":
@@ -1055,8 +1065,10 @@ if __name__ == "__main__":
     print(f"{args.map} ({backend}): " + ", ".join(f"{name} {value} ({source})" for name, (value, source) in presets.items()))
 
     # env setup: sizes come from the env (SMAC and SMAX observe differently); the mixer state is the global state
-    envs = make_envs(args, backend, env_seeds(args.seed, "train", args.num_envs))
-    eval_envs = make_envs(args, backend, env_seeds(args.seed, "eval", args.num_envs)) if args.eval_interval > 0 else None
+    resumed_after = checkpoint["update"] if checkpoint else None  # StarCraft II starts afresh on --resume (resumed_seeds)
+    envs = make_envs(args, backend, resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after))
+    eval_seeds = resumed_seeds(env_seeds(args.seed, "eval", args.num_envs), resumed_after)
+    eval_envs = make_envs(args, backend, eval_seeds) if args.eval_interval > 0 else None
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, envs.state_dim
 

@@ -541,11 +541,11 @@ def test_nu_zero_is_mappo_under_every_flag(tmp_path):
 
 def test_resumed_envs_draw_engine_seeds_of_their_own():
     """A resumed run's envs start afresh: with the run's seeds they would replay its first episodes."""
-    fresh = maipg_grf.run_env_seeds(1, "train", 50, 0)
-    after_3, after_4 = maipg_grf.run_env_seeds(1, "train", 50, 3), maipg_grf.run_env_seeds(1, "train", 50, 4)
-    assert fresh == maipg_grf.env_seeds(1, "train", 50)
+    fresh = maipg_grf.env_seeds(1, "train", 50)
+    after_3, after_4 = maipg_grf.resumed_seeds(fresh, 3), maipg_grf.resumed_seeds(fresh, 4)
+    assert maipg_grf.resumed_seeds(fresh, None) == fresh
     assert len(set(fresh) | set(after_3) | set(after_4)) == 150
-    assert after_3 == maipg_grf.run_env_seeds(1, "train", 50, 3)  # reproducible: a second resume from it draws the same
+    assert after_3 == maipg_grf.resumed_seeds(fresh, 3)  # reproducible: a second resume from it draws the same
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM to the main process", "SIGINT to the process group"])

@@ -33,6 +33,7 @@ SHARED = [
     "rvar",
     "grad_variance",
     "env_seeds",
+    "resumed_seeds",
     "fail",
     "load_checkpoint",
     "resume_args",
