@@ -582,23 +582,25 @@ def test_a_signal_checkpoints_closes_the_env_processes_exits_0_and_resumes(tmp_p
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
 
 
-def test_bad_resume_is_one_line_and_writes_nothing(tmp_path):
+def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     run([*TINY, "--eval-interval", "0", "--checkpoint-interval", "1"], tmp_path, env=stub_gfootball(tmp_path))
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     with open(checkpoint, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
-    for flags, message in [
-        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
-        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
-        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_grf.py"),
-        (
-            ["--resume", checkpoint, "--scenario", "academy_corner"],
-            "--scenario cannot change on --resume (the run has 'academy_3_vs_1_with_keeper')",
-        ),
+    before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
+    result = run(["--resume", checkpoint, "--scenario", "academy_corner"], tmp_path, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--scenario cannot change on --resume (the run has 'academy_3_vs_1_with_keeper')" in result.stderr
+    assert sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True)) == before  # nothing written
+    monkeypatch.chdir(tmp_path)
+    for path, message in [  # in-process: the function the command line calls first
+        ("no/such/run", "--resume: no such checkpoint 'no/such/run'"),
+        ("truncated.pt", "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        ("foreign.pt", "--resume: 'foreign.pt' is not a checkpoint of maipg_grf.py"),
     ]:
-        before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
-        result = run(flags, tmp_path, check=False)
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert message in result.stderr
-        assert sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True)) == before  # nothing written
+        with pytest.raises(SystemExit) as exit_info:
+            maipg_grf.load_checkpoint(path, "maipg_grf.py")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

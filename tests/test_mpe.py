@@ -264,18 +264,15 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
 
 
-def test_bad_resume_is_one_line(tmp_path):
+def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
     run(["--num-agents", "3", "--checkpoint-interval", "1", *TINY], tmp_path)
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     with open(checkpoint, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_smac.py", "args": {}}, tmp_path / "foreign.pt")
+    # from the command line: one line, exit status 2, nothing written
     for flags, message in [
-        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
-        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
-        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_mpe.py"),
         (["--resume", checkpoint, "--task", "line"], "--task cannot change on --resume (the run has 'spread')"),
-        (["--resume", checkpoint, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
         (["--eval-only", checkpoint], "is not a model saved by --save-model (UnpicklingError)"),
     ]:
         before = sorted(glob.glob(os.path.join(tmp_path, "runs", "*", "*")))
@@ -283,3 +280,18 @@ def test_bad_resume_is_one_line(tmp_path):
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert message in result.stderr
         assert sorted(glob.glob(os.path.join(tmp_path, "runs", "*", "*"))) == before  # nothing written
+    # the other refusals, in-process (the functions the command line calls first)
+    monkeypatch.chdir(tmp_path)
+    for flags, message in [
+        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
+        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_mpe.py"),
+        (["--resume", checkpoint, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *flags])
+        args = maipg_mpe.tyro.cli(maipg_mpe.Args, args=flags)
+        with pytest.raises(SystemExit) as exit_info:
+            maipg_mpe.resume_args(args, maipg_mpe.load_checkpoint(args.resume, "maipg_mpe.py")[1])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -366,20 +366,25 @@ def test_a_signal_checkpoints_exits_0_and_the_sc2_run_resumes_afresh(tmp_path, f
     assert torch.load(checkpoint, weights_only=False)["update"] == stopped_at + 1
 
 
-def test_bad_resume_is_one_line(tmp_path, fake_game):
+def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
     run(["--map", "3m", "--eval-interval", "0", "--checkpoint-interval", "1", *TINY], str(tmp_path), **fake_game)
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     with open(checkpoint, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
-    for flags, message in [
-        (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
-        (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
-        (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_smac.py"),
-        (["--resume", checkpoint, "--map", "2s3z"], "--map cannot change on --resume (the run has '3m')"),
+    before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
+    result = run(["--resume", checkpoint, "--map", "2s3z"], str(tmp_path), check=False, **fake_game)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--map cannot change on --resume (the run has '3m')" in result.stderr
+    assert sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True)) == before  # nothing written
+    monkeypatch.chdir(tmp_path)
+    for path, message in [  # in-process: the function the command line calls first
+        ("no/such/run", "--resume: no such checkpoint 'no/such/run'"),
+        ("truncated.pt", "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
+        ("foreign.pt", "--resume: 'foreign.pt' is not a checkpoint of maipg_smac.py"),
     ]:
-        before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
-        result = run(flags, str(tmp_path), check=False, **fake_game)
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert message in result.stderr
-        assert sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True)) == before  # nothing written
+        with pytest.raises(SystemExit) as exit_info:
+            maipg_smac.load_checkpoint(path, "maipg_smac.py")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
