@@ -28,7 +28,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -233,6 +233,9 @@ def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
         fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    stale = sorted(set(checkpoint["args"]) ^ {field.name for field in fields(Args)})
+    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
+        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
     return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
 
 

@@ -545,11 +545,18 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys
     with open(path, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
+    stale = torch.load(path, weights_only=False)  # as an older version of the script wrote it
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    torch.save(stale, tmp_path / "stale.pt")
     capsys.readouterr()
     for flags, message in [
         (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
         (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_continuous.py"),
+        (
+            ["--resume", "stale.pt"],
+            "--resume: 'stale.pt' was written by another version of maipg_continuous.py (flags that differ: gone, q_norm)",
+        ),
         (["--resume", path, "--env", "Hopper"], "--env cannot change on --resume (the run has 'HalfCheetah')"),
         (["--resume", path, "--agent-conf=6x1"], "--agent-conf cannot change on --resume (the run has '2x3')"),
         (["--resume", path, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),

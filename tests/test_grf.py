@@ -588,6 +588,9 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch
     with open(checkpoint, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
+    stale = torch.load(checkpoint, weights_only=False)  # as an older version of the script wrote it
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    torch.save(stale, tmp_path / "stale.pt")
     before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
     result = run(["--resume", checkpoint, "--scenario", "academy_corner"], tmp_path, check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -598,6 +601,7 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch
         ("no/such/run", "--resume: no such checkpoint 'no/such/run'"),
         ("truncated.pt", "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         ("foreign.pt", "--resume: 'foreign.pt' is not a checkpoint of maipg_grf.py"),
+        ("stale.pt", "--resume: 'stale.pt' was written by another version of maipg_grf.py (flags that differ: gone, q_norm)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             maipg_grf.load_checkpoint(path, "maipg_grf.py")

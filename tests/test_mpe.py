@@ -270,6 +270,9 @@ def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
     with open(checkpoint, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_smac.py", "args": {}}, tmp_path / "foreign.pt")
+    stale = torch.load(checkpoint, weights_only=False)  # as an older version of the script wrote it
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    torch.save(stale, tmp_path / "stale.pt")
     # from the command line: one line, exit status 2, nothing written
     for flags, message in [
         (["--resume", checkpoint, "--task", "line"], "--task cannot change on --resume (the run has 'spread')"),
@@ -286,6 +289,7 @@ def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
         (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
         (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_mpe.py"),
+        (["--resume", "stale.pt"], "was written by another version of maipg_mpe.py (flags that differ: gone, q_norm)"),
         (["--resume", checkpoint, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
     ]:
         monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *flags])

@@ -372,6 +372,9 @@ def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
     with open(checkpoint, "rb") as f:
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
+    stale = torch.load(checkpoint, weights_only=False)  # as an older version of the script wrote it
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    torch.save(stale, tmp_path / "stale.pt")
     before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
     result = run(["--resume", checkpoint, "--map", "2s3z"], str(tmp_path), check=False, **fake_game)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -382,6 +385,7 @@ def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
         ("no/such/run", "--resume: no such checkpoint 'no/such/run'"),
         ("truncated.pt", "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         ("foreign.pt", "--resume: 'foreign.pt' is not a checkpoint of maipg_smac.py"),
+        ("stale.pt", "--resume: 'stale.pt' was written by another version of maipg_smac.py (flags that differ: gone, q_norm)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             maipg_smac.load_checkpoint(path, "maipg_smac.py")
