@@ -198,6 +198,13 @@ def align(curves, window, max_points=1000):
     return grid, np.stack([np.interp(grid, steps, values) for steps, values in curves])
 
 
+def cut_at_common_step(named):
+    """{seed: (steps, values)} -> (the last step every seed reached, the same curves cut there)."""
+    last_step = min(steps[-1] for steps, _ in named.values())
+    cut = {seed: (steps[steps <= last_step], values[steps <= last_step]) for seed, (steps, values) in named.items()}
+    return last_step, cut
+
+
 def final_values(curves, last):
     return np.array([values[-last:].mean() for _, values in curves])
 
@@ -247,7 +254,7 @@ if __name__ == "__main__":
                 if not named:
                     continue
                 # every seed stops at the last step all of them reached: the curve, the final values and the env steps
-                last_step = min(steps[-1] for steps, _ in named.values())
+                last_step, cut = cut_at_common_step(named)
                 longer = [seed for seed, (steps, _) in named.items() if steps[-1] > last_step]
                 if longer and (env, label) not in noted:
                     noted.add((env, label))
@@ -257,7 +264,7 @@ if __name__ == "__main__":
                         f"{', '.join(shortest)} stops: curves and final values of every seed stop there",
                         file=sys.stderr,
                     )
-                curves = [(steps[steps <= last_step], values[steps <= last_step]) for steps, values in named.values()]
+                curves = list(cut.values())
                 if any(len(steps) == 0 for steps, _ in curves):
                     print(f"{env}, {label}: skipped {metric}: its seeds logged it at no common step", file=sys.stderr)
                     continue

@@ -409,3 +409,42 @@ def test_plot_groups_and_labels_runs_by_arm(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [line.split(" | ")[1:3] for line in open(tmp_path / "plots" / "results.md") if line.startswith("| spread")]
     assert rows == [["nu=0 (MAPPO)", "2"], ["A2", "2"], ["A10", "2"]]
+
+
+def test_select_arm_applies_the_studys_rule():
+    spec = importlib.util.spec_from_file_location("select_arm", os.path.join(ROOT, "benchmarks", "select_arm.py"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # it imports plot.py, as it does when run from the command line
+    select_arm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(select_arm)
+    sys.path.pop(0)
+    own_flags = {"A1": 0, "A2": 1, "A4": 1, "A4x2": 2, "A5": 1}
+    finals = {
+        "s1": {"A1": 0, "A2": 1, "A4": 3, "A4x2": 2, "A5": 1.5},
+        "s2": {"A1": 0, "A2": 1, "A4": 3, "A4x2": 2, "A5": 1},
+        "s3": {"A1": 0, "A2": -1, "A4": 2, "A4x2": 3, "A5": 1},
+        "s4": {"A1": 0, "A2": -1, "A4": -1, "A4x2": 3},  # no A5 here: its mean rank is over the settings it ran
+    }
+    ranks, mean_rank, beats, chosen = select_arm.select(finals, own_flags)
+    assert ranks["s2"] == {"A4": 1, "A4x2": 2, "A2": 3.5, "A5": 3.5, "A1": 5}  # equal means share their mean rank
+    assert mean_rank["A4"] == 1.875 and mean_rank["A4x2"] == 1.5 and mean_rank["A5"] == pytest.approx(9.5 / 3)
+    assert beats == {"A1": 0, "A2": 2, "A4": 3, "A4x2": 4, "A5": 3}
+    # A4x2 has the best mean rank; A5 beat A1 in 3 settings and joins; so did A4, but of A4 and A4x2 only one stays
+    assert chosen == ["A4x2", "A5"]
+    # a tie in mean rank goes to the arm with fewer flags of its own
+    assert select_arm.select({"s1": {"A1": 0, "A2": 1, "A4x2": 1}}, own_flags)[3] == ["A2"]
+
+
+def test_select_arm_reads_a_study_folder_and_refuses_missing_seeds(tmp_path):
+    steps = range(100, 1100, 100)
+    for arm, seeds in (("A0", (8, 9)), ("A1", (1, 2)), ("A2", (3, 4)), ("A4", (2, 3))):  # returns grow with the seed
+        flags = {"A2": ["--dpg-clip"], "A4": ["--dpg-scale", "advantage"]}.get(arm, [])
+        for seed in seeds:
+            record = {"arm": arm, "flags": ["--task", "spread", "--exp-name", f"maipg_mpe_{arm}", *flags]}
+            write_run(str(tmp_path / f"{arm}__seed{seed}"), "spread", "0.05", seed, steps, record=record)
+    result = run(os.path.join(ROOT, "benchmarks", "select_arm.py"), [str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert "| spread | 20.5 (3) | 40.5 (1) | 30.5 (2) |" in result.stdout and "A0" not in result.stdout.split("\n")[0]
+    assert "A6 = A2 (the best mean rank: A2)" in result.stdout
+    result = run(os.path.join(ROOT, "benchmarks", "select_arm.py"), [str(tmp_path), "--seeds", "3"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--seeds: spread has 2 seed(s) of arm" in result.stderr and "the rule needs 3" in result.stderr
