@@ -102,8 +102,8 @@ class Args:
     """raw: L_dpg in reward units against normalised advantages (App. D, which compensates with a small nu); advantage:
     L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
     q_norm: bool = True
-    """if toggled, Q_tot learns normalised TD(lambda) targets (running statistics like ValueNorm, saved with the model),
-    so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot is used wherever reward units are meant"""
+    """if toggled, Q_tot learns its TD(lambda) targets normalised by the value normaliser's statistics (V's returns have
+    Q_tot's scale), so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot wherever reward units are meant"""
     dpg_clip: bool = False
     """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
     pi further from the behaviour policy than L_clip may"""
@@ -207,8 +207,8 @@ def require(module: str, install: str, flag: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
 # ---------------------------------------------------------------------------------------------------------------------
-# what --save-model writes, with the args (q_norm: with --q-norm)
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm", "q_norm")
+# what --save-model writes, with the args
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
 
 
@@ -1086,7 +1086,9 @@ if __name__ == "__main__":
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)
-    q_norm = ValueNorm().to(device) if args.q_norm else None  # Q_tot's targets' statistics (--q-norm)
+    # --q-norm: V's statistics, not those of Q_tot's own targets: these bootstrap on denormalised Q_tot', so while Q_tot'
+    # is wide they widened their own scale, which widened them further (Q_tot reached 1e4 to 1e8 on SMAX 2s3z)
+    q_norm = value_norm if args.q_norm else None
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
@@ -1101,7 +1103,6 @@ if __name__ == "__main__":
         "target_agent_q": target_agent_q,
         "target_mixer": target_mixer,
         "value_norm": value_norm,
-        **({"q_norm": q_norm} if q_norm is not None else {}),
         "actor_optimizer": actor_optimizer,
         "critic_optimizer": critic_optimizer,
         "q_optimizer": q_optimizer,
@@ -1292,7 +1293,6 @@ if __name__ == "__main__":
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
                 q_targets = mb["q_returns"]
                 if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
-                    q_norm.update(q_targets[valid])
                     q_targets = q_norm.normalize(q_targets)
                 q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
 

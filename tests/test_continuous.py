@@ -2,7 +2,7 @@
 logged scalars, save then --eval-only, videos, the training loop's chunks and padding (lr 0 runs), per-env seeds, the
 padded action dimensions, Q of the clipped action, the dpg gradient, L_dpg's per-agent weight (1 / N) and --dpg-clip's
 exact zeros, the time-limit bootstrap, nu = 0 being MAPPO under every flag of issue 12, bad input, the NaN stop, and
-checkpoints: --resume restoring the training state (--q-norm's statistics included), SIGTERM, and bad checkpoints."""
+checkpoints: --resume restoring the training state (the normaliser's statistics included), SIGTERM, and bad checkpoints."""
 
 import glob
 import os
@@ -483,7 +483,7 @@ def test_resume_restores_the_training_state_and_logs_on(tmp_path, monkeypatch, c
     (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["script"] == "maipg_continuous.py" and (checkpoint["update"], checkpoint["global_step"]) == (2, 128)
-    assert checkpoint["q_norm"]["debiasing_term"] > 0  # --q-norm's statistics travel with the run (and are compared below)
+    assert checkpoint["value_norm"]["debiasing_term"] > 0  # V's (and --q-norm's) statistics travel with the run
     os.remove(saved_model(tmp_path))  # the resumed run must write its own
     capsys.readouterr()
     resumed = main(["--resume", path, "--total-timesteps", "128"], tmp_path, monkeypatch)

@@ -2,7 +2,7 @@
 env's wrappers, smoke runs of the paper's five scenarios with env processes (their event files read back), save then
 --eval-only, env determinism, rendering, bad input. A stand-in env (StubFootballEnv) in the script's real env processes
 checks what needs exact episodes: success counted once per episode, the env seeds, a dead or hung env process, nu = 0
-still MAPPO under every flag of issue 12, and --resume (the restored training state, --q-norm's statistics included,
+still MAPPO under every flag of issue 12, and --resume (the restored training state, the normaliser's statistics included,
 SIGTERM and Ctrl-C's SIGINT, bad checkpoints).
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
@@ -499,7 +499,7 @@ def test_a_resumed_run_continues_with_the_restored_training_state(tmp_path):
     (checkpoint_path,) = glob.glob(os.path.join(resumed, "runs", "*", "checkpoint.pt"))
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert checkpoint["update"] == 2 and checkpoint["global_step"] == 2 * STUB_UPDATE_STEPS
-    stateful = ["target_agent_q", "target_mixer", "q_norm", "actor_optimizer", "critic_optimizer", "q_optimizer"]
+    stateful = ["target_agent_q", "target_mixer", "actor_optimizer", "critic_optimizer", "q_optimizer"]
     assert set(maipg_grf.MODEL_PARTS + ("rng", "last_success", "eval_success", *stateful)) <= set(checkpoint)
 
     result = run([*RESUMABLE, "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--resume", checkpoint_path], resumed, env=env)

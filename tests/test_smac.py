@@ -160,6 +160,21 @@ def test_learning_rate_zero_gives_exactly_zero_kl_and_clipfrac(smax_dir):
         assert [scalar.value for scalar in events.Scalars(tag)] == [0.0] * 3, tag
 
 
+def test_q_norm_keeps_q_tot_at_the_scale_of_the_returns_on_2s3z(smax_dir):
+    """--q-norm once normalised Q_tot's TD(lambda) targets by their own running statistics. The targets bootstrap on
+    Q_tot' denormalised by those statistics, so while the untrained mixer's outputs were wide the scale fed on itself:
+    here charts/q_tot_mean reached 236 by update 8 and 9,872 by update 12. With V's statistics it stays at the scale of
+    the returns (below 6 here; a 2s3z episode returns about 20 at most)."""
+    flags = ["--map", "2s3z", "--nu", "0", "--num-envs", "4", "--num-steps", "100", "--total-timesteps", "4800"]
+    run([*flags, "--eval-interval", "0", "--exp-name", "qnorm"], smax_dir)
+    (run_dir,) = glob.glob(os.path.join(smax_dir, "runs", "2s3z__qnorm__*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    shutil.rmtree(run_dir)  # the other 2s3z tests of this folder expect one 2s3z run
+    q_tot_means = [scalar.value for scalar in events.Scalars("charts/q_tot_mean")]
+    assert len(q_tot_means) == 12 and max(map(abs, q_tot_means)) < 20, q_tot_means
+
+
 def test_smax_smoke_3m_save_model_then_eval_only(smax_dir):
     flags = ["--map", "3m", "--env-backend", "smax", "--no-recurrent", "--save-model", "--eval-interval", "2"]
     result = run([*flags, "--exp-name", "saved", *TINY], smax_dir)
