@@ -222,7 +222,7 @@ def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
         fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
         fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    stale = sorted(set(checkpoint["args"]) ^ {field.name for field in fields(Args)})
+    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
     if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
         fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
     return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
@@ -1037,7 +1037,7 @@ if __name__ == "__main__":
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)
     # --q-norm: V's statistics, not those of Q_tot's own targets: these bootstrap on denormalised Q_tot', so while Q_tot'
-    # is wide they widened their own scale, which widened them further (Q_tot reached 1e4 to 1e8 on SMAX 2s3z)
+    # is wide they widened their own scale, which widened them further (Q_tot reached 1e5 to 1e8 on SMAX 2s3z)
     q_norm = value_norm if args.q_norm else None
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
