@@ -270,10 +270,10 @@ if __name__ == "__main__":
                     continue
                 grid, values = align(curves, args.smooth)
                 mean, n = values.mean(0), len(curves)
-                axes.plot(grid, mean, label=f"{label} ({n} seed{'s' if n > 1 else ', no band'})")
-                if n > 1:
+                (line,) = axes.plot(grid, mean, label=f"{label} ({n} seed{'s' if n > 1 else ', no band'})")
+                if n > 1:  # the band in its line's colour (fills draw their colours apart from lines)
                     std = values.std(0, ddof=1)
-                    axes.fill_between(grid, mean - std, mean + std, alpha=0.2)
+                    axes.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
                 finals = final_values(curves, args.last)
                 final = f"{number(finals.mean())} ± {number(finals.std(ddof=1)) if n > 1 else 'n/a'}"
                 tables[metric].append((env, label, n, int(last_step), final))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import matplotlib.image
 import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
@@ -409,6 +410,18 @@ def test_plot_groups_and_labels_runs_by_arm(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [line.split(" | ")[1:3] for line in open(tmp_path / "plots" / "results.md") if line.startswith("| spread")]
     assert rows == [["nu=0 (MAPPO)", "2"], ["A2", "2"], ["A10", "2"]]
+
+
+def test_plot_draws_each_band_in_its_curves_colour_after_a_group_without_one(tmp_path):
+    write_run(str(tmp_path / "A1__seed1"), "spread", "0.05", 1, range(100, 1100, 100), record={"arm": "A1"})
+    for seed in (1, 5):  # A2's seeds lie 40 apart: a wide band
+        write_run(str(tmp_path / f"A2__seed{seed}"), "spread", "0.05", seed, range(100, 1100, 100), record={"arm": "A2"})
+    result = run(PLOT, [str(tmp_path), "--out", str(tmp_path / "plots"), "--metrics", "eval/episodic_return"])
+    assert result.returncode == 0, result.stderr
+    pixels = np.round(matplotlib.image.imread(tmp_path / "plots" / "spread__eval_episodic_return.png")[..., :3] * 255)
+    tint = {name: 255 - 0.2 * (255 - np.array(rgb)) for name, rgb in {"C0": (31, 119, 180), "C1": (255, 127, 14)}.items()}
+    count = {name: int((np.abs(pixels - rgb).max(-1) <= 2).sum()) for name, rgb in tint.items()}
+    assert count["C1"] > 1000 and count["C0"] == 0, count  # A2's band is orange like its line, not A1's blue
 
 
 def test_select_arm_applies_the_studys_rule():
