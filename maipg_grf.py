@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import tyro
 from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
+from tyro.conf import DisallowNone
 
 
 @dataclass
@@ -115,8 +116,9 @@ class Args:
     dpg_clip: bool = False
     """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
     pi further from the behaviour policy than L_clip may"""
-    nu_warmup: int = 0
-    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers (0: no warm-up)"""
+    nu_warmup: DisallowNone[int | None] = None
+    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers (default: a fifth of
+    --total-timesteps, the study's winner A6 in the README, fixed when the run starts; 0: no warm-up)"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -171,7 +173,7 @@ def check_args(args: Args) -> None:
         fail(f"--mu must be gumbel or probs, got {args.mu!r}")
     if args.dpg_scale not in ("raw", "advantage"):
         fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
-    if args.nu_warmup < 0:
+    if args.nu_warmup is not None and args.nu_warmup < 0:
         fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
     if not 0.0 <= args.nu <= 1.0:
         fail(f"--nu must be in [0, 1], got {args.nu}")
@@ -912,6 +914,8 @@ if __name__ == "__main__":
     require("gfootball.env", INSTALL_GRF, "--scenario")  # imported once here: the env processes inherit it
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = args.total_timesteps // args.batch_size
+    if args.nu_warmup is None:  # resolved once: a resumed run keeps it whatever its --total-timesteps
+        args.nu_warmup = args.total_timesteps // 5
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)

@@ -246,7 +246,7 @@ def test_a_killed_and_resumed_run_is_the_uninterrupted_run(tmp_path):
     assert len(alone_logged["charts/episodic_return"]) == 12 and len(alone_logged["eval/episodic_return"]) == 6
 
 
-def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
+def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, monkeypatch):
     flags = ["--num-agents", "3", "--num-envs", "32", "--eval-interval", "0", "--checkpoint-interval", "0"]
     process = start([*flags, "--total-timesteps", "100000"], tmp_path)
     first_line = process.stdout.readline()  # printed after update 1: the loop is running
@@ -259,8 +259,13 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path):
         "SIGTERM: stopped after update " in stdout
         and f"continue with --resume {os.path.relpath(checkpoint, tmp_path)}" in stdout
     )
-    stopped_at = torch.load(checkpoint, weights_only=False)["update"]
-    result = run([*flags, "--total-timesteps", str(800 * (stopped_at + 1)), "--resume", checkpoint], tmp_path)
+    saved = torch.load(checkpoint, weights_only=False)
+    stopped_at, resumed_budget = saved["update"], ["--total-timesteps", str(800 * (saved["update"] + 1))]
+    # the default warm-up, a fifth of the budget, is fixed at the start: resumed with another budget, the run keeps it
+    monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *resumed_budget, "--resume", checkpoint])
+    resumed = maipg_mpe.resume_args(maipg_mpe.tyro.cli(maipg_mpe.Args, args=sys.argv[1:]), saved)
+    assert saved["args"]["nu_warmup"] == resumed.nu_warmup == 100000 // 5
+    result = run([*flags, *resumed_budget, "--resume", checkpoint], tmp_path)
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
 
 
