@@ -117,8 +117,8 @@ class Args:
     """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
     pi further from the behaviour policy than L_clip may"""
     nu_warmup: DisallowNone[int | None] = None
-    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers (default: a fifth of
-    --total-timesteps, the study's winner A6 in the README, fixed when the run starts; 0: no warm-up)"""
+    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
+    the --total-timesteps, fixed when the run starts (the study's winner A6, README); 0: no warm-up"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
