@@ -9,8 +9,9 @@ it finished (the `done` file two levels up, in the folder it ran in), or with --
 by the run's own hyperparameters (the "hyperparameters" text each script logs) and its sweep.py arm (the label its
 `done` record holds, for sweeps with --arm): runs with the same env, arm and settings but the seed are one group;
 settings that change only speed or bookkeeping (torch_threads, GRF's num_workers and env_timeout, checkpoint_interval,
-resume; see NOT_SETTINGS) do not split a group. Curves and table rows are labelled by the arm (arms in label order,
-after the runs without one), else by the settings that differ between an env's groups (nu first).
+resume; see NOT_SETTINGS), and at nu = 0 those of the DPG term alone, do not split a group. Curves and table rows are
+labelled by the arm (arms in label order, after the runs without one), else by the settings that differ between an
+env's groups (nu first).
 
 Writes, into --out (default FOLDER/plots; each file atomically):
 - {env}__{metric}.png: per group, the mean across seeds and a band of one sample standard deviation (ddof 1; no band
@@ -69,6 +70,9 @@ NOT_SETTINGS = {
     "save_model",
     "eval_only",
 }
+# Flags that shape only the DPG term, which nu = 0 switches off: runs with nu = 0 are MAPPO update for update whatever
+# they say (tests/test_mpe.py), so MAPPO runs made before and after a default of these changed stay one group.
+DPG_ONLY_SETTINGS = {"nu_warmup", "dpg_scale", "dpg_clip", "mu"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -109,6 +113,11 @@ def load_run(path, metrics):
     return hyperparameters, curves
 
 
+def dpg_off(hyperparameters):
+    """nu = 0: the DPG term is off, so its settings (DPG_ONLY_SETTINGS) change nothing."""
+    return float(hyperparameters.get("nu", "nan")) == 0
+
+
 def env_label(hyperparameters):
     name = next((hyperparameters[key] for key in ENV_KEYS if key in hyperparameters), "unknown-env")
     return f"{name}-{hyperparameters['agent_conf']}" if "agent_conf" in hyperparameters else name
@@ -135,7 +144,8 @@ def group_runs(folder, metrics, include_unfinished):
             print(f"skipped {path}: no hyperparameters text (not a maipg_*.py run)", file=sys.stderr)
             continue
         hyperparameters, curves = loaded
-        settings = {k: v for k, v in hyperparameters.items() if k not in NOT_SETTINGS}
+        ignored = NOT_SETTINGS | (DPG_ONLY_SETTINGS if dpg_off(hyperparameters) else set())
+        settings = {k: v for k, v in hyperparameters.items() if k not in ignored}
         arm = sweep_arm(path)
         settings = tuple(sorted({**settings, **({"arm": arm} if arm else {})}.items()))  # arms are groups of their own
         seeds = groups.setdefault(env_label(hyperparameters), {}).setdefault(settings, {})
@@ -152,10 +162,16 @@ def curve_labels(settings_list):
     """Labels that tell an env's groups apart: an arm's label (it stands for its flags), else nu first (nu = 0 is MAPPO)
     and the other settings that differ; where that is not enough, the differing settings and the exp_name too."""
     keys = dict.fromkeys(key for settings in settings_list for key, _ in settings)
-    differing = [key for key in keys if len({dict(settings).get(key) for settings in settings_list}) > 1]
 
-    def others(values):  # .get: a setting that runs of an older script version do not log at all
-        return [f"{key}={values.get(key, 'unset')}" for key in differing if key not in ("arm", "nu", "exp_name")]
+    def differs(key):  # .get: a setting that runs of an older script version do not log at all
+        rows = [dict(settings) for settings in settings_list]
+        return len({row.get(key) for row in rows if not (key in DPG_ONLY_SETTINGS and dpg_off(row))}) > 1
+
+    differing = [key for key in keys if differs(key)]
+
+    def others(values):
+        skip = {"arm", "nu", "exp_name"} | (DPG_ONLY_SETTINGS if dpg_off(values) else set())
+        return [f"{key}={values.get(key, 'unset')}" for key in differing if key not in skip]
 
     labels = []
     for settings in settings_list:

@@ -387,15 +387,22 @@ def test_plot_log_y_changes_only_its_metrics_and_rejects_unplotted_ones(tmp_path
 def test_plot_compares_seeds_at_a_common_step_ignores_threads_and_has_no_spread_for_one_seed(tmp_path):
     steps = range(100, 2100, 100)
     write_run(str(tmp_path / "nu0__seed1"), "spread", "0", 1, steps, torch_threads=1)
-    write_run(str(tmp_path / "nu0__seed2"), "spread", "0", 2, steps, torch_threads=2, num_workers=4, env_timeout=60.0)
+    more = {"torch_threads": 2, "num_workers": 4, "env_timeout": 60.0, "nu_warmup": 200}
+    write_run(str(tmp_path / "nu0__seed2"), "spread", "0", 2, steps, **more)
     write_run(str(tmp_path / "nu0__seed3"), "spread", "0", 3, range(100, 1100, 100), torch_threads=1)  # cut short
     write_run(str(tmp_path / "nu0.05__seed1"), "spread", "0.05", 1, steps)
+    # a warm-up of nu splits runs with nu > 0, not MAPPO's (nu = 0: the DPG term is off)
+    write_run(str(tmp_path / "nu0.05__seed2"), "spread", "0.05", 2, steps, nu_warmup=200)
     result = run(PLOT, [str(tmp_path), "--out", str(tmp_path / "plots"), "--metrics", "eval/episodic_return"])
     assert result.returncode == 0, result.stderr
     rows = [line for line in open(tmp_path / "plots" / "results.md") if line.startswith("| spread")]
-    # one group whatever the threads; every seed's last 10 evaluations up to step 1000 (steps 100-1000) average
-    # seed * 10 + 5.5: 15.5, 25.5, 35.5, so 25.5 +- 10; one seed has no spread
-    assert rows == ["| spread | nu=0 (MAPPO) | 3 | 1000 | 25.5 ± 10 |\n", "| spread | nu=0.05 | 1 | 2000 | 25.5 ± n/a |\n"]
+    # one group whatever the threads (at nu = 0, the warm-up too); every seed's last 10 evaluations up to step 1000
+    # (steps 100-1000) average seed * 10 + 5.5: 15.5, 25.5, 35.5, so 25.5 +- 10; one seed has no spread
+    assert rows == [
+        "| spread | nu=0 (MAPPO) | 3 | 1000 | 25.5 ± 10 |\n",
+        "| spread | nu=0.05, nu_warmup=200 | 1 | 2000 | 35.5 ± n/a |\n",
+        "| spread | nu=0.05, nu_warmup=unset | 1 | 2000 | 25.5 ± n/a |\n",
+    ]
     assert "of seed 1, 2 goes past step 1000, where seed 3 stops" in result.stderr
     assert "sample standard deviation (ddof = 1)" in open(tmp_path / "plots" / "results.md").read()
 
