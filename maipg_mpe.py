@@ -95,9 +95,9 @@ class Args:
     mu: str = "gumbel"
     """the deterministic policy mu of L_dpg: gumbel (section 3.2's straight-through hard sample) or probs (the softmax
     probabilities, E_xi[f(s, xi)] of Proposition 2: the expected, all-action gradient, without sampling noise)"""
-    dpg_scale: str = "raw"
-    """raw: L_dpg in reward units against normalised advantages (App. D, which compensates with a small nu); advantage:
-    L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
+    dpg_scale: str = "advantage"
+    """advantage: L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s
+    ratio (MPE's default: the README's follow-up A7); raw: L_dpg in reward units against normalised advantages (App. D)"""
     q_norm: bool = True
     """if toggled, Q_tot learns its TD(lambda) targets normalised by the value normaliser's statistics (V's returns have
     Q_tot's scale), so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot wherever reward units are meant"""

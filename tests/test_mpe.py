@@ -110,7 +110,7 @@ def test_nu_zero_is_mappo(tmp_path):
         "qmix_nu": ["--nu", "0.5", "--mixer", "qmix"],
         "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
         # every flag of issue 12 at once: with nu = 0 none of them may touch the actor or V
-        "flags": ["--nu", "0", "--no-q-norm", "--dpg-clip", "--mu", "probs", "--dpg-scale", "advantage", "--nu-warmup", "75"],
+        "flags": ["--nu", "0", "--no-q-norm", "--dpg-clip", "--mu", "probs", "--dpg-scale", "raw", "--nu-warmup", "75"],
     }.items():
         os.makedirs(tmp_path / name)
         run(extra + common, tmp_path / name)
@@ -265,6 +265,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *resumed_budget, "--resume", checkpoint])
     resumed = maipg_mpe.resume_args(maipg_mpe.tyro.cli(maipg_mpe.Args, args=sys.argv[1:]), saved)
     assert saved["args"]["nu_warmup"] == resumed.nu_warmup == 100000 // 5
+    assert saved["args"]["dpg_scale"] == "advantage"  # MPE's default since the follow-up A7 (README)
     result = run([*flags, *resumed_budget, "--resume", checkpoint], tmp_path)
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
 
