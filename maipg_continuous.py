@@ -10,7 +10,7 @@ weighs the two terms (1 - nu) : nu per agent), Q_tot is a factorized Q-function 
 learned with TD(lambda), and mu is the deterministic policy: for continuous actions the mean of the Gaussian pi_i
 (section 3.2), so L_dpg's gradient flows through the mean as in DDPG. nu trades bias for variance: nu = 0
 is exactly MAPPO, larger nu leans on the learned Q_tot. The paper reports no continuous-control setting: every
-hyper-parameter below that differs from MAPPO's defaults is our choice (SPEC section 7).
+hyper-parameter below that differs from MAPPO's defaults is our choice.
 
     python maipg_continuous.py --env HalfCheetah --agent-conf 2x3              # our default setting, nu = 0.01
     python maipg_continuous.py --env Humanoid --agent-conf "9|8" --nu 0         # MAPPO on the same code
@@ -49,8 +49,7 @@ class Args:
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
     torch_threads: int = 1
-    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
-    machine; more helps one run with idle cores to spare"""
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits small networks and several runs per machine"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -58,15 +57,14 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of the wandb project"""
     capture_video: bool = False
-    """if toggled, one greedy evaluation episode is rendered to a GIF under videos/ (headless OpenGL: MUJOCO_GL=egl by
-    default, or osmesa)"""
+    """if toggled, one evaluation episode with mu is rendered to a GIF under videos/ (MUJOCO_GL=egl by default, or osmesa)"""
     save_model: bool = False
     """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
     checkpoint_interval: int = 200
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (200 updates: about 11
-    minutes at the default settings on one CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    """write the training state to runs/{run_name}/checkpoint.pt every this many updates (200: about 11 minutes on one
+    CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
     resume: str | None = None
     """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
     envs' episodes start afresh); only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda and
@@ -79,8 +77,7 @@ class Args:
     """how the robot's joints are split among agents (e.g. HalfCheetah 2x3 or 6x1, Ant 2x4, 2x4d or 4x2, Walker2d 2x3,
     Hopper 3x1, Humanoid 9|8)"""
     max_episode_steps: int = 1000
-    """the time limit of an episode in env steps (the benchmark's is 1000; Hopper, Walker2d, Ant and Humanoid also end
-    early when the robot falls)"""
+    """the time limit of an episode in env steps (the benchmark's is 1000; all but HalfCheetah also end when it falls)"""
     total_timesteps: int = 10_000_000
     """total env steps of training (one step of one env counts once, whatever the number of agents)"""
     num_envs: int = 8
@@ -93,7 +90,7 @@ class Args:
     """the number of evaluation episodes, run with mu (the Gaussian mean)"""
 
     # Algorithm. MAPPO's values; the paper gives none for continuous actions, so the learning rate, the rollout size
-    # (8 x 1000), the epochs (5), the minibatches (1) and nu are our choice (SPEC section 7); nu 0.01: README, nu check.
+    # (8 x 1000), the epochs (5), the minibatches (1) and nu are our choice.
     nu: float = 0.01
     """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
     mixer: str = "qmix"
@@ -101,15 +98,9 @@ class Args:
     dpg_scale: str = "raw"
     """raw: L_dpg in reward units against normalised advantages; advantage: L_dpg divided by the rollout's
     raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
-    q_norm: bool = True
-    """if toggled, Q_tot learns its TD(lambda) targets normalised by the value normaliser's statistics (V's returns have
-    Q_tot's scale), so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot wherever reward units are meant"""
-    dpg_clip: bool = False
-    """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
-    pi further from the behaviour policy than L_clip may"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts (the study's winner A6, README); 0: no warm-up"""
+    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -139,8 +130,7 @@ class Args:
     recurrent: bool = True
     """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
     log_grad_var: bool = False
-    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
-    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+    """if toggled, log diagnostics/grad_var: the actor gradient's spread over 8 sub-batches (about +10% update time)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -149,237 +139,8 @@ class Args:
     """the number of updates (total_timesteps // batch_size)"""
 
 
-# The robots and agent partitions this script was run on (gymnasium-robotics 1.4.2 knows a few more).
-MAMUJOCO_TASKS = {
-    "HalfCheetah": ("2x3", "6x1"),
-    "Ant": ("2x4", "2x4d", "4x2"),
-    "Walker2d": ("2x3",),
-    "Hopper": ("3x1",),
-    "Humanoid": ("9|8",),
-}
-
-
-def fail(message: str) -> None:
-    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args: Args) -> None:
-    if args.env not in MAMUJOCO_TASKS:
-        fail(f"--env must be one of {', '.join(MAMUJOCO_TASKS)}, got {args.env!r}")
-    if args.agent_conf not in MAMUJOCO_TASKS[args.env]:
-        fail(f"--agent-conf of {args.env} must be one of {', '.join(MAMUJOCO_TASKS[args.env])}, got {args.agent_conf!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag, value in [
-        ("--max-episode-steps", args.max_episode_steps),
-        ("--num-envs", args.num_envs),
-        ("--num-steps", args.num_steps),
-        ("--update-epochs", args.update_epochs),
-        ("--chunk-len", args.chunk_len),
-        ("--torch-threads", args.torch_threads),
-    ]:
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if args.eval_episodes < 1:
-        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
-
-
-def require(module: str, install: str, flag: str):
-    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        fail(f"{flag} needs {module}: {install}")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
-# ---------------------------------------------------------------------------------------------------------------------
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
-
-
-def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
-    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
-    missing, unreadable (truncated) or not this script's."""
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        fail(f"--resume: no such checkpoint {path!r}")
-    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
-    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
-        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
-    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
-
-
-def resume_args(args: Args, checkpoint: dict) -> Args:
-    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
-    saved = checkpoint["args"]
-    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
-    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
-    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
-        if getattr(args, name) != saved[name]:
-            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
-            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
-    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
-
-
-def rng_states(generators: dict) -> dict:
-    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
-    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
-
-
-def set_rng_states(states: dict, generators: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
-        if states[name].numel() == generator.get_state().numel():
-            generator.set_state(states[name])
-
-
-def save_atomically(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-class Preemption:
-    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
-    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
-    directly and through the batch shell."""
-
-    def __init__(self):
-        self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Environment: Multi-Agent MuJoCo as arrays [envs, agents, ...]
-# ---------------------------------------------------------------------------------------------------------------------
-class MaMuJoCoEnvs:
-    """One Multi-Agent MuJoCo env per seed (gymnasium-robotics' mamujoco_v1, agent_obsk=1), stepped one after the other.
-
-    A plain loop: gymnasium's SyncVectorEnv with same-step autoreset measured 1.5x slower here (its per-step
-    bookkeeping, with a MuJoCo step of ~0.1 ms), and AsyncVectorEnv slower still on 2 cores. Agents' observations are
-    zero-padded to the largest agent's size, and their actions are read from a padded [agents, act_dim] array, so one
-    shared actor serves all agents; `act_mask` [agents, act_dim] is 1 on each agent's real action dimensions. The
-    reward is the team's (every agent receives the same one). An env whose episode ends is reset in the same step;
-    the observation and state it ended in come back as final_obs and final_state, for the time-limit bootstrap.
-    """
-
-    def __init__(self, scenario, agent_conf, seeds, max_episode_steps, render_mode=None):
-        mamujoco_v1 = require(
-            "gymnasium_robotics", "pip install gymnasium-robotics==1.4.2 mujoco==4.0.0", "Multi-Agent MuJoCo"
-        ).mamujoco_v1
-        self.envs = [
-            mamujoco_v1.parallel_env(
-                scenario,
-                agent_conf,
-                agent_obsk=1,
-                max_episode_steps=max_episode_steps,
-                render_mode=render_mode,
-                width=240,  # the size of rendered frames (--capture-video)
-                height=240,
-            )
-            for _ in seeds
-        ]
-        env = self.envs[0]
-        self.agents = env.possible_agents
-        self.num_envs, self.num_agents, self.reset_seeds = len(seeds), len(self.agents), list(seeds)
-        self.obs_dims = [env.observation_space(agent).shape[0] for agent in self.agents]
-        self.act_dims = [env.action_space(agent).shape[0] for agent in self.agents]
-        self.obs_dim, self.act_dim, self.state_dim = max(self.obs_dims), max(self.act_dims), env.state().shape[0]
-        self.dt = env.single_agent_env.unwrapped.dt  # simulated seconds per env step
-        self.act_mask = np.zeros((self.num_agents, self.act_dim), dtype=np.float32)
-        self.act_low, self.act_high = np.zeros_like(self.act_mask), np.zeros_like(self.act_mask)
-        for i, agent in enumerate(self.agents):
-            self.act_mask[i, : self.act_dims[i]] = 1.0
-            self.act_low[i, : self.act_dims[i]] = env.action_space(agent).low
-            self.act_high[i, : self.act_dims[i]] = env.action_space(agent).high
-
-    def _pad(self, obs):
-        """{agent: obs} -> [agents, obs_dim], zero-padded"""
-        padded = np.zeros((self.num_agents, self.obs_dim), dtype=np.float32)
-        for i, agent in enumerate(self.agents):
-            padded[i, : self.obs_dims[i]] = obs[agent]
-        return padded
-
-    def reset(self):
-        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. The first reset seeds env e with seeds[e]; later
-        ones continue its random stream."""
-        seeds, self.reset_seeds = self.reset_seeds, [None] * self.num_envs
-        obs = np.stack([self._pad(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
-        return obs, np.stack([env.state() for env in self.envs]).astype(np.float32)
-
-    def step(self, actions):
-        """actions [envs, agents, act_dim] (unclipped) -> obs, state, rewards [envs], terminated [envs], truncated [envs],
-        final_obs, final_state (where an episode ended: what it ended in; elsewhere zeros)."""
-        actions = np.clip(actions, self.act_low, self.act_high)  # on the way to the env; Q_i clips alike (AgentQ)
-        obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
-        state = np.zeros((self.num_envs, self.state_dim), dtype=np.float32)
-        final_obs, final_state = np.zeros_like(obs), np.zeros_like(state)
-        rewards = np.zeros(self.num_envs, dtype=np.float32)
-        terminated, truncated = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
-        for e, env in enumerate(self.envs):
-            # each agent gets its own action dimensions only: the padded ones never reach the env
-            obs_e, rewards_e, terminated_e, truncated_e, _ = env.step(
-                {agent: actions[e, i, : self.act_dims[i]] for i, agent in enumerate(self.agents)}
-            )
-            first = self.agents[0]  # the team reward, termination and truncation are the same for every agent
-            rewards[e], terminated[e], truncated[e] = rewards_e[first], terminated_e[first], truncated_e[first]
-            obs[e], state[e] = self._pad(obs_e), env.state()
-            if terminated[e] or truncated[e]:
-                final_obs[e], final_state[e] = obs[e], state[e]
-                obs[e], state[e] = self._pad(env.reset()[0]), env.state()
-        return obs, state, rewards, terminated, truncated, final_obs, final_state
-
-    def render(self):
-        return self.envs[0].render()
-
-    def close(self):
-        for env in self.envs:
-            env.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Networks (MAPPO's, SPEC section 2)
+# Networks (MAPPO's; App. D)
 # ---------------------------------------------------------------------------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -549,7 +310,7 @@ class ValueNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions
+# The algorithm: eq. (10) and Algorithm 1
 # ---------------------------------------------------------------------------------------------------------------------
 def weighted_mean(x, weights):
     """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
@@ -575,7 +336,7 @@ def gae(rewards, values, masks, gamma, gae_lambda):
 
 
 def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
-    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+    """Gated TD(lambda) targets of Q_tot (Algorithm 1, line 11) on a rollout segment in which episodes may restart:
         G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
     rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
     targets = torch.zeros_like(rewards)
@@ -602,6 +363,13 @@ def time_limit_gae(rewards, values, masks, final_values, time_limits, gamma, gae
     bootstrapped = time_limit_rewards(rewards, final_values, time_limits, gamma)  # [T, E, N]
     per_agent = [gae(bootstrapped[..., i], values[..., i : i + 1], masks, gamma, gae_lambda) for i in range(values.shape[-1])]
     return torch.cat(per_agent, -1)
+
+
+def normalize_advantages(raw_advantages, weights):
+    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
+    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
+    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
 
 
 def gaussian_log_prob_entropy(mean, log_std, actions, act_mask):
@@ -632,31 +400,42 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights, q_norm):
+def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights, value_norm):
     """L_dpg = -Q_tot(s, clip(mu(o))) / N in reward units (eq. (10), second term: divided by the number of agents N, as
     L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)), with mu = the
     Gaussian mean [*batch, N, act_dim], clipped as the env clips it (no gradient along a dimension beyond its bound).
-    q_features [*batch, N, H] (AgentQ's trunk), state [*batch, S], weights [*batch]; q_norm: Q_tot's normaliser or None.
-    The Q-network and mixer enter as constants, so the gradient reaches only the actor, through mu (its mean head and
-    trunk; not the log-std)."""
+    q_features [*batch, N, H] (AgentQ's trunk), state [*batch, S], weights [*batch]. The Q-network and mixer enter as
+    constants, so the gradient reaches only the actor, through mu (its mean head and trunk; not the log-std)."""
     frozen_head = {name: param.detach() for name, param in agent_q.head.named_parameters()}
     head_input = torch.cat([q_features.detach(), agent_q.executed(mu)], -1)
     agent_qs = torch.func.functional_call(agent_q.head, frozen_head, (head_input,))
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
-    q_tot = raw_q(q_norm, torch.func.functional_call(mixer, frozen_mixer, (agent_qs.squeeze(-1), state)))
+    q_tot = value_norm.denormalize(torch.func.functional_call(mixer, frozen_mixer, (agent_qs.squeeze(-1), state)))
     return -weighted_mean(q_tot, weights) / mu.shape[-2]
 
 
-def raw_q(q_norm, q_tot):
-    """Q_tot in reward units: denormalised with --q-norm (q_norm a ValueNorm), as it is without (q_norm None)."""
-    return q_tot if q_norm is None else q_norm.denormalize(q_tot)
+def gaussian_actor_loss(mean, log_std, mb, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, args):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
+    L_dpg divided by dpg_scale (1, or the advantages' std). mean [L, B, N, act_dim], log_std [act_dim], q_features
+    [L, B, N, H], act_mask [N, act_dim]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    logprobs, entropy = gaussian_log_prob_entropy(mean, log_std, mb["actions"], act_mask)  # [L, B, N], per agent
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
+    entropy = weighted_mean(entropy, weights)
+    dpg = torch.zeros(())
+    if nu > 0:  # nu = 0 skips the Q branch entirely, so the run is MAPPO's
+        mu = mean  # [L, B, N, act_dim], section 3.2's deterministic policy: the Gaussian mean, no noise drawn
+        dpg = gaussian_dpg_loss(mu, q_features, mb["state"], agent_q, mixer, mb["valid"], value_norm) / dpg_scale
+    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
-def normalize_advantages(raw_advantages, weights):
-    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
-    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
-    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
-    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
+def q_loss(q_tot, q_returns, weights, value_norm):
+    """The Q half of Algorithm 1 (line 23): Q_tot(s, a) [*batch] regresses on its TD(lambda) targets q_returns [*batch]
+    (reward units), an MSE over the weighted entries. Q_tot learns the targets in ValueNorm's units, V's statistics: V's
+    returns have Q_tot's scale, so the QMIX mixer works at unit scale and cannot saturate. (Statistics of Q_tot's own
+    targets would not do: those bootstrap on the denormalised Q_tot', so a wide Q_tot' widens its own scale.)"""
+    return weighted_mean((q_tot - value_norm.normalize(q_returns)) ** 2, weights)
 
 
 def nu_at(global_step, nu, warmup_steps):
@@ -669,87 +448,6 @@ def soft_update(target, source, tau):
     with torch.no_grad():
         for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
             target_param.lerp_(param, tau)
-
-
-def rvar(advantages, control_variate, weights):
-    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
-    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
-
-
-def grad_variance(grads):
-    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
-    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
-
-
-def gaussian_actor_loss(mean, log_std, mb, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale, args):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
-    L_dpg divided by dpg_scale (1, or the advantages' std). mean [L, B, N, act_dim], log_std [act_dim], q_features
-    [L, B, N, H], act_mask [N, act_dim]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
-    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
-    logprobs, entropy = gaussian_log_prob_entropy(mean, log_std, mb["actions"], act_mask)  # [L, B, N], per agent
-    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
-    entropy = weighted_mean(entropy, weights)
-    dpg = torch.zeros(())
-    if nu > 0:  # nu = 0 skips the Q branch entirely, so the run is MAPPO's
-        mu = mean  # [L, B, N, act_dim]
-        if args.dpg_clip:  # where PPO's ratio left [1 - clip, 1 + clip], mu enters as a constant: no DPG gradient
-            inside = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef  # [L, B, N]
-            mu = torch.where(inside.unsqueeze(-1), mean, mean.detach())
-        dpg = gaussian_dpg_loss(mu, q_features, mb["state"], agent_q, mixer, mb["valid"], q_norm) / dpg_scale
-    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
-    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-
-
-def grad_norm_ratio(numerator, denominator, params):
-    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
-    norms = [
-        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
-        for loss in (numerator, denominator)
-    ]
-    return norms[0] / norms[1].clamp(min=1e-12)
-
-
-def gaussian_rollout_diagnostics(
-    raw_advantages, weights, q_features, actions, means, log_std, act_mask, state, agent_q, mixer, q_norm, rng, k=8
-):
-    """The per-update diagnostics of the rollout ([T, E, N] weights; q_features [T, E, N, H]; actions and pi's means
-    [T, E, N, act_dim]): rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section
-    4.1, Figure 1); mixer_slope: median dQ_tot/dQ_i at the taken (clipped) actions (near 0 the mixer is saturated and
-    L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units, slope * (max_k Q_i(a^k) -
-    min_k Q_i(a^k)) over the same k samples (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a) of the
-    rollout's real steps (no padding)."""
-    T, E, N, H = q_features.shape
-    q_taken = agent_q.q(q_features, actions).requires_grad_()  # [T, E, N]
-    with torch.enable_grad():
-        q_tot_taken = mixer(q_taken, state)  # [T, E]
-        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
-    q_tot_taken = raw_q(q_norm, q_tot_taken.detach())
-    noise = torch.randn(k, *actions.shape, generator=rng, device=actions.device)
-    sampled = (means + log_std.exp() * noise) * act_mask  # [k, T, E, N, act_dim]
-    q_sampled = agent_q.q(q_features.expand(k, T, E, N, H), sampled)  # [k, T, E, N]
-    control_variate = q_tot_taken - raw_q(q_norm, mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
-    q_scale = 1.0 if q_norm is None else q_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
-    active = weights.bool()
-    return {
-        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
-        "mixer_slope": slope[active].median(),
-        "q_gap": (q_scale * slope * (q_sampled.amax(0) - q_sampled.amin(0)))[active].median(),
-        "q_tot_mean": q_tot_taken.mean(),
-    }
-
-
-def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
-    n_chunks = mb["valid"].shape[1]
-    group = torch.arange(n_chunks, device=mean.device) % min(k, n_chunks)  # chunk -> sub-batch
-    grads = []
-    for g in range(min(k, n_chunks)):
-        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = gaussian_actor_loss(
-            mean, log_std, sub_batch, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale, args
-        )
-        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
-    return grad_variance(torch.stack(grads))
 
 
 def one_hot_ids(num_agents, batch_shape, device):
@@ -767,6 +465,95 @@ def critic_input(obs, state):
     -> [*batch, N, S + D + N]"""
     num_agents = obs.shape[-2]
     return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: Multi-Agent MuJoCo as arrays [envs, agents, ...]
+# ---------------------------------------------------------------------------------------------------------------------
+# The robots and agent partitions this script was run on (gymnasium-robotics 1.4.2 knows a few more).
+MAMUJOCO_TASKS = dict(
+    HalfCheetah=("2x3", "6x1"), Ant=("2x4", "2x4d", "4x2"), Walker2d=("2x3",), Hopper=("3x1",), Humanoid=("9|8",)
+)
+
+
+class MaMuJoCoEnvs:
+    """One Multi-Agent MuJoCo env per seed (gymnasium-robotics' mamujoco_v1, agent_obsk=1), stepped one after the other.
+
+    A plain loop: gymnasium's SyncVectorEnv measured 1.5x slower (its per-step bookkeeping, with a MuJoCo step of
+    ~0.1 ms), AsyncVectorEnv slower still on 2 cores. Agents' observations are
+    zero-padded to the largest agent's size, and their actions are read from a padded [agents, act_dim] array, so one
+    shared actor serves all agents; `act_mask` [agents, act_dim] is 1 on each agent's real action dimensions. The
+    reward is the team's (every agent receives the same one). An env whose episode ends is reset in the same step;
+    the observation and state it ended in come back as final_obs and final_state, for the time-limit bootstrap.
+    """
+
+    def __init__(self, scenario, agent_conf, seeds, max_episode_steps, render_mode=None):
+        mamujoco_v1 = require(
+            "gymnasium_robotics", "pip install gymnasium-robotics==1.4.2 mujoco==4.0.0", "Multi-Agent MuJoCo"
+        ).mamujoco_v1
+        options = {"max_episode_steps": max_episode_steps, "render_mode": render_mode, "width": 240, "height": 240}
+        self.envs = [mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=1, **options) for _ in seeds]
+        env = self.envs[0]
+        self.agents = env.possible_agents
+        self.num_envs, self.num_agents, self.reset_seeds = len(seeds), len(self.agents), list(seeds)
+        self.obs_dims = [env.observation_space(agent).shape[0] for agent in self.agents]
+        self.act_dims = [env.action_space(agent).shape[0] for agent in self.agents]
+        self.obs_dim, self.act_dim, self.state_dim = max(self.obs_dims), max(self.act_dims), env.state().shape[0]
+        self.dt = env.single_agent_env.unwrapped.dt  # simulated seconds per env step
+        self.act_mask = np.zeros((self.num_agents, self.act_dim), dtype=np.float32)
+        self.act_low, self.act_high = np.zeros_like(self.act_mask), np.zeros_like(self.act_mask)
+        for i, agent in enumerate(self.agents):
+            self.act_mask[i, : self.act_dims[i]] = 1.0
+            self.act_low[i, : self.act_dims[i]] = env.action_space(agent).low
+            self.act_high[i, : self.act_dims[i]] = env.action_space(agent).high
+
+    def _pad(self, obs):
+        """{agent: obs} -> [agents, obs_dim], zero-padded"""
+        padded = np.zeros((self.num_agents, self.obs_dim), dtype=np.float32)
+        for i, agent in enumerate(self.agents):
+            padded[i, : self.obs_dims[i]] = obs[agent]
+        return padded
+
+    def reset(self):
+        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. The first reset seeds env e with seeds[e]; later
+        ones continue its random stream."""
+        seeds, self.reset_seeds = self.reset_seeds, [None] * self.num_envs
+        obs = np.stack([self._pad(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
+        return obs, np.stack([env.state() for env in self.envs]).astype(np.float32)
+
+    def step(self, actions):
+        """actions [envs, agents, act_dim] (unclipped) -> obs, state, rewards [envs], terminated [envs], truncated [envs],
+        final_obs, final_state (where an episode ended: what it ended in; elsewhere zeros)."""
+        actions = np.clip(actions, self.act_low, self.act_high)  # on the way to the env; Q_i clips alike (AgentQ)
+        obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
+        state = np.zeros((self.num_envs, self.state_dim), dtype=np.float32)
+        final_obs, final_state = np.zeros_like(obs), np.zeros_like(state)
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        terminated, truncated = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
+        for e, env in enumerate(self.envs):
+            # each agent gets its own action dimensions only: the padded ones never reach the env
+            obs_e, rewards_e, terminated_e, truncated_e, _ = env.step(
+                {agent: actions[e, i, : self.act_dims[i]] for i, agent in enumerate(self.agents)}
+            )
+            first = self.agents[0]  # the team reward, termination and truncation are the same for every agent
+            rewards[e], terminated[e], truncated[e] = rewards_e[first], terminated_e[first], truncated_e[first]
+            obs[e], state[e] = self._pad(obs_e), env.state()
+            if terminated[e] or truncated[e]:
+                final_obs[e], final_state[e] = obs[e], state[e]
+                obs[e], state[e] = self._pad(env.reset()[0]), env.state()
+        return obs, state, rewards, terminated, truncated, final_obs, final_state
+
+    def render(self):
+        return self.envs[0].render()
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_envs(args, seeds, render_mode=None):
+    """One env per seed (see env_seeds)."""
+    return MaMuJoCoEnvs(args.env, args.agent_conf, seeds, args.max_episode_steps, render_mode)
 
 
 @torch.no_grad()
@@ -791,29 +578,6 @@ def evaluate(actor, envs, hidden_dim, device, frames=None, frame_every=1):
         if frames is not None and running.any() and step % frame_every == 0:
             frames.append(envs.render())
     return returns
-
-
-def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
-    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
-    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
-    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
-    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
-    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
-
-
-def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
-    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
-    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
-    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
-    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
-    if update is None:
-        return seeds
-    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
-
-
-def make_envs(args, seeds, render_mode=None):
-    """One env per seed (see env_seeds)."""
-    return MaMuJoCoEnvs(args.env, args.agent_conf, seeds, args.max_episode_steps, render_mode)
 
 
 def capture_video(actor, args, seed, hidden_dim, device, path):
@@ -842,6 +606,299 @@ def capture_video(actor, args, seed, hidden_dim, device, path):
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (not needed to train)
+# ---------------------------------------------------------------------------------------------------------------------
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def grad_norm_ratio(numerator, denominator, params):
+    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
+    norms = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
+        for loss in (numerator, denominator)
+    ]
+    return norms[0] / norms[1].clamp(min=1e-12)
+
+
+def gaussian_rollout_diagnostics(
+    raw_advantages, weights, q_features, actions, means, log_std, act_mask, state, agent_q, mixer, value_norm, rng, k=8
+):
+    """The per-update diagnostics of the rollout ([T, E, N] weights; q_features [T, E, N, H]; actions and pi's means
+    [T, E, N, act_dim]): rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section
+    4.1, Figure 1); mixer_slope: median dQ_tot/dQ_i at the taken (clipped) actions (near 0 the mixer is saturated and
+    L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units, slope * (max_k Q_i(a^k) -
+    min_k Q_i(a^k)) over the same k samples (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a) of the
+    rollout's real steps (no padding)."""
+    T, E, N, H = q_features.shape
+    q_taken = agent_q.q(q_features, actions).requires_grad_()  # [T, E, N]
+    with torch.enable_grad():
+        q_tot_taken = mixer(q_taken, state)  # [T, E]
+        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
+    q_tot_taken = value_norm.denormalize(q_tot_taken.detach())
+    noise = torch.randn(k, *actions.shape, generator=rng, device=actions.device)
+    sampled = (means + log_std.exp() * noise) * act_mask  # [k, T, E, N, act_dim]
+    q_sampled = agent_q.q(q_features.expand(k, T, E, N, H), sampled)  # [k, T, E, N]
+    control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active = weights.bool()
+    return {
+        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "mixer_slope": slope[active].median(),
+        "q_gap": (q_scale * slope * (q_sampled.amax(0) - q_sampled.amin(0)))[active].median(),
+        "q_tot_mean": q_tot_taken.mean(),
+    }
+
+
+def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=mean.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = gaussian_actor_loss(
+            mean, log_std, sub_batch, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, args
+        )
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plumbing: argument checks, seeds, checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
+# ---------------------------------------------------------------------------------------------------------------------
+def fail(message: str) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: Args) -> None:
+    if args.env not in MAMUJOCO_TASKS:
+        fail(f"--env must be one of {', '.join(MAMUJOCO_TASKS)}, got {args.env!r}")
+    if args.agent_conf not in MAMUJOCO_TASKS[args.env]:
+        fail(f"--agent-conf of {args.env} must be one of {', '.join(MAMUJOCO_TASKS[args.env])}, got {args.agent_conf!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if args.dpg_scale not in ("raw", "advantage"):
+        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    if args.nu_warmup is not None and args.nu_warmup < 0:
+        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
+    if not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for name in ("max_episode_steps", "num_envs", "num_steps", "update_epochs", "chunk_len", "torch_threads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.eval_episodes < 1:
+        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        fail(f"{flag} needs {module}: {install}")
+
+
+def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
+    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
+    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
+    stream (with seed + i, --seed 1 and --seed 2 would share all envs but one)."""
+    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
+    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
+def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
+    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
+    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
+    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
+    if update is None:
+        return seeds
+    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
+
+
+# what --save-model writes, with the args
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+
+
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
+    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
+        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
+    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
+        if states[name].numel() == generator.get_state().numel():
+            generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> SummaryWriter:
+    """The run's TensorBoard writer (synced to Weights and Biases with --track). A resumed run drops what the killed
+    process logged after its checkpoint (purge_step), then logs on."""
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
+    return writer
+
+
+def stop_if_not_finite(losses: dict, update: int) -> None:
+    """A loss that is NaN or infinite stops the run, naming the update and the loss."""
+    if not torch.isfinite(torch.stack(list(losses.values()))).all():
+        bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+        sys.exit(f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)")
+
+
+def evaluate_saved_model(args: Args, device: torch.device) -> None:
+    """--eval-only: a model saved with --save-model plays --eval-episodes episodes with mu (and, with --capture-video,
+    one more to a GIF); prints the mean return, then exits."""
+    try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+        model = torch.load(args.eval_only, map_location=device, weights_only=True)
+    except Exception as error:
+        fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
+    saved = Args(**{**model["args"], "eval_episodes": args.eval_episodes})
+    envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
+    actor = Actor(envs.obs_dim + envs.num_agents, envs.act_dim, saved.hidden_dim, saved.recurrent).to(device)
+    actor.load_state_dict(model["actor"])
+    returns = evaluate(actor, envs, saved.hidden_dim, device)
+    envs.close()
+    print(
+        f"{args.eval_only}: {saved.env} {saved.agent_conf}, {len(returns)} episodes with mu, "
+        f"return {returns.mean():.2f} +- {returns.std():.2f}"
+    )
+    if args.capture_video:
+        path = f"videos/{os.path.basename(args.eval_only)}.gif"
+        if capture_video(actor, saved, args.seed, saved.hidden_dim, device, path) is not None:
+            print("video:", path)
+    sys.exit(0)
+
+
+def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng: torch.Generator) -> tuple[int, int, float, float]:
+    """--resume: every network, optimiser, normaliser and generator as at the end of the checkpoint's update; the envs'
+    episodes start afresh. -> (global_step, the first update to run, last_return, eval_return)"""
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
+    print("--resume: Multi-Agent MuJoCo's envs cannot be saved, so their episodes start afresh (new seeds, fresh memory)")
+    return checkpoint["global_step"], checkpoint["update"] + 1, checkpoint["last_return"], checkpoint["eval_return"]
+
+
+def save_checkpoint(path, args, run_name, update, global_step, stateful, diagnostics_rng, last_return, eval_return):
+    """The training state (not the envs': a resumed run cannot continue the running episodes), written atomically."""
+    checkpoint = {
+        "script": os.path.basename(__file__),
+        "args": asdict(args),
+        "run_name": run_name,
+        "update": update,
+        "global_step": global_step,
+        **{name: module.state_dict() for name, module in stateful.items()},
+        "rng": rng_states({"diagnostics": diagnostics_rng}),
+        "last_return": last_return,
+        "eval_return": eval_return,
+    }
+    save_atomically(checkpoint, path)
+
+
+def save_final_model(args: Args, run_dir: str, stateful: dict) -> None:
+    """--save-model: the args and MODEL_PARTS, for --eval-only."""
+    model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+    save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
+    print(f"model saved to {model_path}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = None
@@ -863,61 +920,23 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # --eval-only: load a saved model, evaluate it with mu, optionally render, and stop
     if args.eval_only is not None:
-        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
-            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
-        except Exception as error:
-            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
-        saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes})
-        envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
-        actor = Actor(envs.obs_dim + envs.num_agents, envs.act_dim, saved.hidden_dim, saved.recurrent).to(device)
-        actor.load_state_dict(checkpoint["actor"])
-        returns = evaluate(actor, envs, saved.hidden_dim, device)
-        envs.close()
-        print(
-            f"{args.eval_only}: {saved.env} {saved.agent_conf}, {len(returns)} episodes with mu, "
-            f"return {returns.mean():.2f} +- {returns.std():.2f}"
-        )
-        if args.capture_video:
-            path = capture_video(
-                actor, saved, args.seed, saved.hidden_dim, device, f"videos/{os.path.basename(args.eval_only)}.gif"
-            )
-            if path is not None:
-                print("video:", path)
-        sys.exit(0)
+        evaluate_saved_model(args, device)
 
     run_name = f"{args.env}-{args.agent_conf.replace('|', '+')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = checkpoint["run_name"] if checkpoint else run_name
     run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
-    if args.track:
-        wandb = require("wandb", "pip install wandb", "--track")
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if not checkpoint:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-        )
+    writer = make_writer(args, run_name, run_dir, checkpoint)
 
-    # env setup: the mixer state is the env's global state, MaMuJoCo's state() (SPEC section 3)
-    resumed_after = checkpoint["update"] if checkpoint else None  # a resumed run's envs start afresh (see resumed_seeds)
+    # env setup: the mixer's state s is MaMuJoCo's global state(); a resumed run's envs start afresh (resumed_seeds)
+    resumed_after = checkpoint["update"] if checkpoint else None
     envs = make_envs(args, resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after))
     eval_envs = make_envs(args, resumed_seeds(env_seeds(args.seed, "eval", args.eval_episodes), resumed_after))
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.act_dim, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, envs.state_dim
     act_mask = torch.as_tensor(envs.act_mask, device=device)  # [N, A]: 1 on each agent's real action dimensions
 
-    # networks and their three optimisers (SPEC section 2)
+    # networks and their three optimisers (App. D)
     actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
     critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
     # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
@@ -927,27 +946,16 @@ if __name__ == "__main__":
         agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent, envs.act_low, envs.act_high).to(device)
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
-    value_norm = ValueNorm().to(device)
-    # --q-norm: V's statistics, not those of Q_tot's own targets: these bootstrap on denormalised Q_tot', so while Q_tot'
-    # is wide they widened their own scale, which widened them further (Q_tot reached 1e5 to 1e8 on SMAX 2s3z)
-    q_norm = value_norm if args.q_norm else None
+    value_norm = ValueNorm().to(device)  # V's returns, and Q_tot's targets in V's units (q_loss)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
-    # what a checkpoint saves and --resume restores, besides the generators
-    stateful = {
-        "actor": actor,
-        "critic": critic,
-        "agent_q": agent_q,
-        "mixer": mixer,
-        "target_agent_q": target_agent_q,
-        "target_mixer": target_mixer,
-        "value_norm": value_norm,
-        "actor_optimizer": actor_optimizer,
-        "critic_optimizer": critic_optimizer,
-        "q_optimizer": q_optimizer,
+    stateful = {  # what a checkpoint saves and --resume restores, besides the generators
+        **{"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer},
+        **{"target_agent_q": target_agent_q, "target_mixer": target_mixer, "value_norm": value_norm},
+        **{"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer, "q_optimizer": q_optimizer},
     }
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
@@ -955,9 +963,7 @@ if __name__ == "__main__":
     state = torch.zeros(T + 1, E, state_dim, device=device)
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in MaMuJoCo)
-    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
-    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
-    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actor_hidden, critic_hidden, q_hidden = torch.zeros(3, T + 1, E, N, H, device=device)  # hidden states entering step t
     actions = torch.zeros(T, E, N, A, device=device)  # the samples of pi, unclipped (the env and Q_i clip), 0 when padded
     logprobs = torch.zeros(T, E, N, device=device)
     rollout_means = torch.zeros(T, E, N, A, device=device)
@@ -976,13 +982,8 @@ if __name__ == "__main__":
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
     n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
-    if checkpoint:  # --resume: everything as it was at the end of the checkpoint's update, but the envs' episodes
-        global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
-        last_return, eval_return = checkpoint["last_return"], checkpoint["eval_return"]
-        print("--resume: Multi-Agent MuJoCo's envs cannot be saved, so their episodes start afresh (new seeds, fresh memory)")
+    if checkpoint:
+        global_step, start_update, last_return, eval_return = restore_checkpoint(checkpoint, stateful, diagnostics_rng)
     start_step, preemption = global_step, Preemption()
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
@@ -1032,7 +1033,8 @@ if __name__ == "__main__":
                     final_values[step] = critic(last_critic_in, critic_hidden[step + 1], no_reset)[0][0]
                     last_mu = actor(actor_input(last_obs), actor_hidden[step + 1], no_reset, act_mask)[0][0]
                     last_features = target_agent_q(last_critic_in, q_hidden[step + 1], no_reset)[0][0]
-                    final_q_tot[step] = raw_q(q_norm, target_mixer(target_agent_q.q(last_features, last_mu), last_state[0]))
+                    last_q_tot = target_mixer(target_agent_q.q(last_features, last_mu), last_state[0])
+                    final_q_tot[step] = value_norm.denormalize(last_q_tot)
             episode_returns += team_rewards
             episode_lengths += 1
             if dones.any():
@@ -1040,7 +1042,7 @@ if __name__ == "__main__":
                 finished_lengths += episode_lengths[dones].tolist()
                 episode_returns[dones], episode_lengths[dones] = 0.0, 0
 
-        # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
+        # TARGETS: GAE for the actor and V (Algorithm 1, lines 9-10, MAPPO), gated TD(lambda) for Q_tot (line 11)
         agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
         with torch.no_grad():
             critic_in = critic_input(obs, state)  # [T+1, E, N, S + D + N]
@@ -1060,56 +1062,33 @@ if __name__ == "__main__":
             target_features = target_agent_q(critic_in, q_hidden[0], agent_masks)[0]  # [T+1, E, N, H]
             mu_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], act_mask)[0][0]  # [E, N, A]
             target_agent_qs = target_agent_q.q(target_features, torch.cat([actions, mu_last[None]]))  # [T+1, E, N]
-            q_tot_target = raw_q(q_norm, target_mixer(target_agent_qs, state))  # [T+1, E], reward units
+            q_tot_target = value_norm.denormalize(target_mixer(target_agent_qs, state))  # [T+1, E], reward units
             q_rewards = time_limit_rewards(rewards, final_q_tot, time_limits, args.gamma)  # [T, E]
             q_returns = td_lambda_targets(q_rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
             # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
             q_features = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, H]
             diagnostics = gaussian_rollout_diagnostics(
-                raw_advantages,
-                active,
-                q_features,
-                actions,
-                rollout_means,
-                actor.log_std,
-                act_mask,
-                state[:T],
-                agent_q,
-                mixer,
-                q_norm,
-                diagnostics_rng,
-            )
+                raw_advantages, active, q_features, actions, rollout_means, actor.log_std, act_mask, state[:T], agent_q,
+                mixer, value_norm, diagnostics_rng
+            )  # fmt: skip
 
-        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
-        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
+        # CHUNKS (Algorithm 1, line 12): [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot
+        # needs every agent's mu at the same t). The last window is padded with valid = 0; masks are padded with 1 so
+        # that the GRU stays fused.
         def to_chunks(x, pad_value=0.0):
             padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
             return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
 
-        batch = {
-            name: to_chunks(x, pad_value=1.0 if name == "masks" else 0.0)
-            for name, x in {
-                "obs": obs[:T],
-                "state": state[:T],
-                "masks": masks[:T],
-                "active_masks": active,
-                "actions": actions,
-                "logprobs": logprobs,
-                "advantages": advantages,
-                "returns": returns,
-                "values": values[:T],
-                "q_returns": q_returns,
-                "valid": torch.ones(T, E, device=device),
-            }.items()
-        }
-        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
-        start_hidden = {
-            name: h[chunk_starts].flatten(0, 1)
-            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
-        }
+        rollout = {"obs": obs[:T], "state": state[:T], "masks": masks[:T], "active_masks": active, "actions": actions}
+        rollout |= {"logprobs": logprobs, "advantages": advantages, "returns": returns, "values": values[:T]}
+        rollout |= {"q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
+        batch = {name: to_chunks(x, pad_value=1.0 if name == "masks" else 0.0) for name, x in rollout.items()}
+        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout (line 20)
+        hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
+        start_hidden = {name: h[chunk_starts].flatten(0, 1) for name, h in hidden.items()}
 
-        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
+        # OPTIMIZE (line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own Adam, per minibatch
         n_chunks = n_windows * E
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
@@ -1121,7 +1100,7 @@ if __name__ == "__main__":
                 q_features = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, H]
                 new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
-                loss_inputs = (mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, q_norm, nu, dpg_scale)
+                loss_inputs = (mean, actor.log_std, mb, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale)
                 loss, parts = gaussian_actor_loss(*loss_inputs, args)
                 first_minibatch = not stats
                 if first_minibatch and nu > 0:
@@ -1136,43 +1115,30 @@ if __name__ == "__main__":
                     new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
                 )
                 q_tot = mixer(agent_q.q(q_features, mb["actions"]), mb["state"])  # [L, B]
-                q_targets = mb["q_returns"]
-                if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
-                    q_targets = q_norm.normalize(q_targets)
-                q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
-
-                losses = {
-                    "policy_loss": parts["policy_loss"],
-                    "dpg_loss": parts["dpg_loss"],
-                    "value_loss": v_loss,
-                    "q_loss": q_loss,
-                }
-                if not torch.isfinite(torch.stack(list(losses.values()))).all():
-                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
-                    sys.exit(
-                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
-                    )
+                q_tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
+                losses = {**parts, "value_loss": v_loss, "q_loss": q_tot_loss}
+                stop_if_not_finite(losses, update)
 
                 for optimizer, module_loss, params in [
                     (actor_optimizer, loss, actor.parameters()),
                     (critic_optimizer, v_loss, critic.parameters()),
-                    (q_optimizer, q_loss, q_params),
+                    (q_optimizer, q_tot_loss, q_params),
                 ]:
                     optimizer.zero_grad()
                     module_loss.backward()
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
-                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (Algorithm 1, line 25)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss}.items():
+                for name, value in losses.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
         for buffer in (obs, state, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
             buffer[0] = buffer[T]
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
@@ -1208,22 +1174,10 @@ if __name__ == "__main__":
                 flush=True,
             )
 
-        # CHECKPOINT: the training state (not the envs'), every --checkpoint-interval updates and when a signal asks to stop.
-        # The running episodes' returns are not in it: a resumed run cannot continue those episodes.
+        # CHECKPOINT: every --checkpoint-interval updates, and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
-            save_atomically(
-                {
-                    "script": os.path.basename(__file__),
-                    "args": asdict(args),
-                    "run_name": run_name,
-                    "update": update,
-                    "global_step": global_step,
-                    **{name: module.state_dict() for name, module in stateful.items()},
-                    "rng": rng_states({"diagnostics": diagnostics_rng}),
-                    "last_return": last_return,
-                    "eval_return": eval_return,
-                },
-                checkpoint_path,
+            save_checkpoint(
+                checkpoint_path, args, run_name, update, global_step, stateful, diagnostics_rng, last_return, eval_return
             )
             if preemption.signal_name:
                 print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
@@ -1236,12 +1190,7 @@ if __name__ == "__main__":
             f"env stepping took {env_time / wall:.0%} of the time"
         )
         if args.save_model:
-            model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            save_atomically(
-                {"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS if name in stateful}},
-                model_path,
-            )
-            print(f"model saved to {model_path}")
+            save_final_model(args, run_dir, stateful)
     envs.close()
     eval_envs.close()
     writer.close()

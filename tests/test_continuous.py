@@ -1,7 +1,7 @@
 """maipg_continuous.py: smoke runs on Multi-Agent MuJoCo (equal, unequal observation and unequal action sizes) and their
 logged scalars, save then --eval-only, videos, the training loop's chunks and padding (lr 0 runs), per-env seeds, the
-padded action dimensions, Q of the clipped action, the dpg gradient, L_dpg's per-agent weight (1 / N) and --dpg-clip's
-exact zeros, the time-limit bootstrap, nu = 0 being MAPPO under every flag of issue 12, bad input, the NaN stop, and
+padded action dimensions, Q of the clipped action, the dpg gradient, L_dpg's per-agent weight (1 / N), the time-limit
+bootstrap, nu = 0 being MAPPO whatever the Q branch, the DPG-only flags acting at nu > 0, bad input, the NaN stop, and
 checkpoints: --resume restoring the training state (the normaliser's statistics included), SIGTERM, and bad checkpoints."""
 
 import glob
@@ -178,7 +178,7 @@ def test_time_limit_is_truncation_with_the_final_observation(tmp_path, monkeypat
 
 
 def test_seeds_share_no_env_across_runs_nor_between_train_and_eval(tmp_path, monkeypatch):
-    # with seed + i (issue 14), env 1 of --seed 1 was env 0 of --seed 2, and so on for all envs but one
+    # with seed + i, env 1 of --seed 1 would be env 0 of --seed 2, and so on for all envs but one
     monkeypatch.chdir(tmp_path)
     initial_obs = {}
     for seed, stream in [(1, "train"), (2, "train"), (1, "eval")]:
@@ -210,6 +210,14 @@ def test_padded_dimensions_carry_no_log_prob_or_entropy():
     torch.testing.assert_close(logp[..., 1], expected)
 
 
+def unit_norm():
+    """A ValueNorm whose statistics are mean 0, variance 1: denormalize is the identity."""
+    value_norm = mc.ValueNorm()
+    value_norm.running_mean_sq.fill_(1.0)
+    value_norm.debiasing_term.fill_(1.0)
+    return value_norm
+
+
 def test_dpg_gradient_reaches_the_mean_head_and_not_the_log_std():
     torch.manual_seed(0)
     N, D, S, A, H = 2, 4, 7, 3, 16
@@ -221,7 +229,7 @@ def test_dpg_gradient_reaches_the_mean_head_and_not_the_log_std():
     critic_in = mc.critic_input(obs, state)
     q_features, _ = agent_q(critic_in, torch.zeros(3, N, H), masks)
     critic(critic_in, torch.zeros(3, N, H), masks)
-    mc.gaussian_dpg_loss(mean, q_features, state, agent_q, mixer, torch.ones(5, 3), None).backward()
+    mc.gaussian_dpg_loss(mean, q_features, state, agent_q, mixer, torch.ones(5, 3), unit_norm()).backward()
     assert actor.head.weight.grad.abs().sum() > 0 and actor.trunk.gru.weight_ih_l0.grad.abs().sum() > 0
     assert actor.log_std.grad is None or (actor.log_std.grad == 0).all()
     for module in (critic, agent_q, mixer):
@@ -239,7 +247,7 @@ def test_agent_q_reuses_the_trunk_for_any_action():
 
 
 def test_q_sees_the_clipped_action_and_dpg_has_no_gradient_beyond_the_bound():
-    """Q_i is trained on, bootstraps from and differentiates (L_dpg) at clip(a), the action the env executes (issue 14);
+    """Q_i is trained on, bootstraps from and differentiates (L_dpg) at clip(a), the action the env executes;
     agent 1 has bounds +-0.4 on 2 real dimensions and a padded third."""
     torch.manual_seed(0)
     N, S, A, H = 2, 5, 3, 16
@@ -254,7 +262,7 @@ def test_q_sees_the_clipped_action_and_dpg_has_no_gradient_beyond_the_bound():
     assert not torch.allclose(q, agent_q.head(torch.cat([features, actions], -1)).squeeze(-1))  # unclipped differs
     # mu beyond the bound on agent 0's dimensions 0 and 2 and agent 1's dimension 1: no gradient there, some elsewhere
     mu = torch.tensor([[2.0, 0.5, -3.0], [0.1, -0.9, 0.0]]).expand(4, 6, N, A).clone().requires_grad_()
-    mc.gaussian_dpg_loss(mu, features, state, agent_q, mixer, torch.ones(4, 6), None).backward()
+    mc.gaussian_dpg_loss(mu, features, state, agent_q, mixer, torch.ones(4, 6), unit_norm()).backward()
     beyond = torch.tensor([[True, False, True], [False, True, False]])
     assert (mu.grad[..., beyond] == 0).all()
     assert (mu.grad[..., 0, 1] != 0).all() and (mu.grad[..., 1, 0] != 0).all()
@@ -275,7 +283,9 @@ def test_dpg_loss_weighs_agents_as_l_clip_does():
         agent_q = mc.AgentQ(H, A, H, False, -torch.ones(copies * N, A), torch.ones(copies * N, A))
         agent_q.head.load_state_dict(head)
         mean, state = torch.cat([shared] * copies, -2), torch.zeros(B, 1)
-        dpg = mc.gaussian_dpg_loss(mean, features.repeat(1, copies, 1), state, agent_q, mc.VDNMixer(), torch.ones(B), None)
+        dpg = mc.gaussian_dpg_loss(
+            mean, features.repeat(1, copies, 1), state, agent_q, mc.VDNMixer(), torch.ones(B), unit_norm()
+        )
         act_mask = torch.ones(copies * N, A)
         logprobs = mc.gaussian_log_prob_entropy(mean, log_std, actions.repeat(1, copies, 1), act_mask)[0]
         repeat = [x.repeat(1, copies) for x in (old_logprobs, advantages)]
@@ -285,31 +295,6 @@ def test_dpg_loss_weighs_agents_as_l_clip_does():
     for one, two in zip(gradients(1), gradients(2), strict=True):
         assert one.abs().sum() > 0
         torch.testing.assert_close(one, two)
-
-
-def test_dpg_clip_zeroes_the_dpg_gradient_on_the_means_exactly_outside_the_ratio_range():
-    """--dpg-clip: mu = the mean enters as a constant for the agent-steps whose PPO ratio, from the log-prob summed over
-    that agent's real action dimensions, left [0.8, 1.2]; elsewhere the DPG gradient is the unclipped one, bit for bit.
-    Agent 1 has 2 real dimensions out of 3 (its third is padded: bounds 0, no gradient either way)."""
-    torch.manual_seed(0)
-    B, N, A, H, S = 6, 2, 3, 8, 4
-    act_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    agent_q, mixer = mc.AgentQ(H, A, H, False, -act_mask, act_mask), mc.QMixer(N, S)
-    mean = (torch.empty(B, N, A).uniform_(-0.9, 0.9) * act_mask).requires_grad_()  # inside the bounds
-    log_std, actions = torch.tensor([0.1, -0.2, 0.3]), torch.randn(B, N, A) * act_mask
-    logprobs = mc.gaussian_log_prob_entropy(mean.detach(), log_std, actions, act_mask)[0]  # [B, N]
-    shift = torch.tensor([[0.0, 0.5], [-0.5, 0.1], [0.0, 0.0], [0.3, -0.1], [0.19, 0.0], [-0.25, 0.0]])  # -log ratio
-    outside = ((-shift).exp() - 1).abs() > 0.2  # ratio = exp(logprobs - old logprobs)
-    assert 0 < outside.sum() < B * N
-    mb = {"valid": torch.ones(B), "active_masks": torch.ones(B, N), "actions": actions, "logprobs": logprobs + shift}
-    mb |= {"advantages": torch.zeros(B, N), "state": torch.randn(B, S)}
-    features, grads = torch.randn(B, N, H), {}
-    for dpg_clip in (False, True):
-        args = mc.Args(dpg_clip=dpg_clip, ent_coef=0.0)
-        loss, _ = mc.gaussian_actor_loss(mean, log_std, mb, features, agent_q, mixer, act_mask, None, 1.0, 1.0, args)
-        grads[dpg_clip] = torch.autograd.grad(loss, mean)[0]  # [B, N, A]: nu = 1, so L_dpg's gradient alone
-    assert (grads[True][outside] == 0).all() and (grads[False][outside][:, :2] != 0).all()  # dims 0, 1: real for both
-    assert torch.equal(grads[True][~outside], grads[False][~outside])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,7 +319,7 @@ def test_truncation_bootstraps_termination_does_not():
 
 
 def test_time_limit_bootstraps_only_the_envs_that_hit_it():
-    # The rollout fills final_* for every env at a step where any env hit the time limit (issue 14). Env 0 hits it at
+    # The rollout fills final_* for every env at a step where any env hit the time limit. Env 0 hits it at
     # t = 0 while env 1 falls (terminates) at that step and hits it at t = 2; env 2 runs on. Only (t=0, env 0) and
     # (t=2, env 1) bootstrap: the old r + gamma * final_q_tot added the filler to all three envs at t = 0 and t = 2.
     rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])  # [T, E]
@@ -368,26 +353,48 @@ def test_time_limit_gae_without_time_limits_is_the_shared_gae():
 # ---------------------------------------------------------------------------------------------------------------------
 # nu = 0 is MAPPO; bad input; the NaN stop
 # ---------------------------------------------------------------------------------------------------------------------
+def two_updates(flags, cwd, monkeypatch):
+    """Runs 2 updates of TINY in this process (see main) -> the state dicts of the run's networks."""
+    os.makedirs(cwd)
+    run_globals = main([*flags, "--eval-interval", "0", *TINY, "--total-timesteps", "128"], cwd, monkeypatch)
+    return {net: run_globals["stateful"][net].state_dict() for net in ("actor", "critic", "agent_q")}
+
+
 def test_nu_zero_is_mappo(tmp_path, monkeypatch):
-    """nu = 0: actor and V do not depend on the Q branch (mixer, TD(lambda), target rate, Q normalisation, every option
-    of L_dpg); nu > 0 (the control): they do. Runs in this process (see main), 2 updates each."""
-    params = {}
-    for name, extra in {
-        "qmix": ["--nu", "0"],
-        "vdn": ["--nu", "0", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
-        # every flag of issue 12 at once: with nu = 0 none of them may touch the actor or V
-        "flags": ["--nu", "0", "--no-q-norm", "--dpg-clip", "--dpg-scale", "advantage", "--nu-warmup", "100"],
-        "qmix_nu": ["--nu", "0.5"],
-        "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
-    }.items():
-        os.makedirs(tmp_path / name)
-        run_globals = main([*extra, "--eval-interval", "0", *TINY, "--total-timesteps", "128"], tmp_path / name, monkeypatch)
-        params[name] = {net: run_globals["stateful"][net].state_dict() for net in ("actor", "critic")}
+    """nu = 0: actor and V do not depend on the flags that still act there, the Q branch's (mixer, TD(lambda), target
+    rate: Q_tot learns differently) and --log-grad-var; nu > 0 (the control): they do."""
+    q_flags = ["--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"]
+    params = {
+        name: two_updates(flags, tmp_path / name, monkeypatch)
+        for name, flags in {
+            "qmix": ["--nu", "0"],
+            "vdn": ["--nu", "0", *q_flags, "--log-grad-var"],
+            "qmix_nu": ["--nu", "0.5"],
+            "vdn_nu": ["--nu", "0.5", *q_flags],
+        }.items()
+    }
     for net in ("actor", "critic"):
         for key, value in params["qmix"][net].items():
-            for other in ("vdn", "flags"):
-                assert torch.equal(value, params[other][net][key]), f"nu = 0, {other}: {net}.{key} depends on the Q branch"
+            assert torch.equal(value, params["vdn"][net][key]), f"nu = 0: {net}.{key} depends on the Q branch"
+    assert not torch.equal(params["qmix"]["agent_q"]["head.0.weight"], params["vdn"]["agent_q"]["head.0.weight"])
     assert not torch.equal(params["qmix_nu"]["actor"]["head.weight"], params["vdn_nu"]["actor"]["head.weight"])
+
+
+def test_dpg_only_flags_change_a_run_at_nu_above_zero(tmp_path, monkeypatch):
+    """--dpg-scale and --nu-warmup act only through L_dpg, which nu = 0 skips, so the test above cannot see them: at
+    nu = 0.5 each must change the actor (--dpg-scale advantage divides L_dpg by the advantages' std; --nu-warmup 100
+    runs update 1 at nu = 0 and update 2 at nu = 0.5 * 64 / 100 instead of 0.5)."""
+    base = ["--nu", "0.5", "--nu-warmup", "0"]
+    params = {
+        name: two_updates(flags, tmp_path / name, monkeypatch)["actor"]
+        for name, flags in {
+            "base": base,
+            "dpg_scale": [*base, "--dpg-scale", "advantage"],
+            "nu_warmup": ["--nu", "0.5", "--nu-warmup", "100"],
+        }.items()
+    }
+    for name in ("dpg_scale", "nu_warmup"):
+        assert not torch.equal(params[name]["head.weight"], params["base"]["head.weight"]), f"--{name} changed nothing"
 
 
 @pytest.mark.parametrize(
@@ -483,7 +490,7 @@ def test_resume_restores_the_training_state_and_logs_on(tmp_path, monkeypatch, c
     (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["script"] == "maipg_continuous.py" and (checkpoint["update"], checkpoint["global_step"]) == (2, 128)
-    assert checkpoint["value_norm"]["debiasing_term"] > 0  # V's (and --q-norm's) statistics travel with the run
+    assert checkpoint["value_norm"]["debiasing_term"] > 0  # V's (and Q_tot's) statistics travel with the run
     os.remove(saved_model(tmp_path))  # the resumed run must write its own
     capsys.readouterr()
     resumed = main(["--resume", path, "--total-timesteps", "128"], tmp_path, monkeypatch)
@@ -546,7 +553,7 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
     stale = torch.load(path, weights_only=False)  # as an older version of the script wrote it
-    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "mixer"}, "gone": 1}
     torch.save(stale, tmp_path / "stale.pt")
     capsys.readouterr()
     for flags, message in [
@@ -555,7 +562,7 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys
         (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_continuous.py"),
         (
             ["--resume", "stale.pt"],
-            "--resume: 'stale.pt' was written by another version of maipg_continuous.py (flags that differ: gone, q_norm)",
+            "--resume: 'stale.pt' was written by another version of maipg_continuous.py (flags that differ: gone, mixer)",
         ),
         (["--resume", path, "--env", "Hopper"], "--env cannot change on --resume (the run has 'HalfCheetah')"),
         (["--resume", path, "--agent-conf=6x1"], "--agent-conf cannot change on --resume (the run has '2x3')"),
