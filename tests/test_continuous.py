@@ -10,6 +10,7 @@ import runpy
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -510,6 +511,25 @@ def test_resume_restores_the_training_state_and_logs_on(tmp_path, monkeypatch, c
     logged = logged_steps(tmp_path)
     assert logged.pop("eval/episodic_return") == [256]  # the first run's evaluation at its last update, 192, is purged
     assert logged and all(steps == [64, 128, 192, 256] for steps in logged.values()), logged
+
+
+def test_bare_resume_keeps_every_flag_of_the_run(tmp_path, monkeypatch, capsys):
+    """A bare --resume RUN continues the run as it was: a flag not given keeps the run's value, RESUME_FLAGS included
+    (--total-timesteps, --eval-interval, --checkpoint-interval and --torch-threads here, none at its default; --track
+    needs wandb and --cuda a GPU). A finished run resumed so has nothing left to do."""
+    flags = ["--total-timesteps", "128", "--eval-interval", "1", "--checkpoint-interval", "1", "--torch-threads", "2"]
+    main([*TINY, *flags], tmp_path, monkeypatch)
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--resume", run_dir])  # what resume_args reads the given flags from
+    args = mc.resume_args(mc.tyro.cli(mc.Args, args=["--resume", run_dir]), checkpoint)
+    assert {name: getattr(args, name) for name in mc.RESUME_FLAGS} == {
+        name: checkpoint["args"][name] for name in mc.RESUME_FLAGS
+    }
+    capsys.readouterr()
+    resumed = main(["--resume", run_dir], tmp_path, monkeypatch)
+    assert "update " not in capsys.readouterr().out
+    assert asdict(resumed["args"]) == {**checkpoint["args"], "resume": os.path.join(run_dir, "checkpoint.pt")}
 
 
 def test_resumed_envs_draw_new_seeds():
