@@ -658,7 +658,8 @@ def gaussian_rollout_diagnostics(
 
 
 def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks. mu is
+    the Gaussian mean, so its passes draw no random number: logging it leaves training's random numbers as they were."""
     n_chunks = mb["valid"].shape[1]
     group = torch.arange(n_chunks, device=mean.device) % min(k, n_chunks)  # chunk -> sub-batch
     grads = []

@@ -398,6 +398,17 @@ def test_dpg_only_flags_change_a_run_at_nu_above_zero(tmp_path, monkeypatch):
         assert not torch.equal(params[name]["head.weight"], params["base"]["head.weight"]), f"--{name} changed nothing"
 
 
+def test_log_grad_var_leaves_training_as_it_was(tmp_path, monkeypatch):
+    """--log-grad-var is a diagnostic: its 8 extra actor-loss passes (nu > 0, so L_dpg is in them) must not change
+    training's random numbers or weights. mu is the Gaussian mean, so they draw nothing."""
+    flags = ["--nu", "0.5", "--nu-warmup", "0"]
+    with_flag = two_updates([*flags, "--log-grad-var"], tmp_path / "with", monkeypatch)
+    without = two_updates(flags, tmp_path / "without", monkeypatch)
+    for net, params in without.items():
+        for key, value in params.items():
+            assert torch.equal(value, with_flag[net][key]), f"--log-grad-var changed {net}.{key}"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
