@@ -68,7 +68,7 @@ class Args:
     resume: str | None = None
     """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
     envs' episodes start afresh), with the run's own flags; only --total-timesteps, --eval-interval,
-    --checkpoint-interval, --track, --cuda and --torch-threads may be given to change them"""
+    --checkpoint-interval, --track, --cuda, --torch-threads and --save-model (an output) may be given to change them"""
 
     # Environment
     env: str = "HalfCheetah"
@@ -741,7 +741,7 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
 
 # what --save-model writes, with the args
 MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 
 
 def load_checkpoint(path: str, script: str) -> tuple[str, dict]:

@@ -543,6 +543,15 @@ def test_bare_resume_keeps_every_flag_of_the_run(tmp_path, monkeypatch, capsys):
     assert asdict(resumed["args"]) == {**checkpoint["args"], "resume": os.path.join(run_dir, "checkpoint.pt")}
 
 
+def test_save_model_may_be_given_on_resume(tmp_path, monkeypatch):
+    """--save-model is an output, not a setting of the run: a run started without it, resumed with it, writes the model."""
+    main([*TINY, "--checkpoint-interval", "1"], tmp_path, monkeypatch)
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    assert not os.path.exists(os.path.join(run_dir, "maipg_continuous.pt"))
+    main(["--resume", run_dir, "--save-model"], tmp_path, monkeypatch)
+    assert torch.load(saved_model(tmp_path), weights_only=True)["args"]["save_model"] is True
+
+
 def test_resumed_envs_draw_new_seeds():
     """Resumed envs cannot continue their episodes; with the same seeds they would replay the run's first ones."""
     seeds = mc.env_seeds(1, "train", 8)
