@@ -47,8 +47,7 @@ class Args:
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
     torch_threads: int = 1
-    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
-    machine; more helps one run with idle cores to spare"""
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits small networks and several runs per machine"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -62,8 +61,8 @@ class Args:
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
     checkpoint_interval: int = 150
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (150 updates: about 10
-    minutes at the default settings on one CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    """write the training state to runs/{run_name}/checkpoint.pt every this many updates (150: about 10 minutes on one
+    CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
     resume: str | None = None
     """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (bit
     for bit on the NumPy port); only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda and
@@ -92,21 +91,12 @@ class Args:
     """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
-    mu: str = "gumbel"
-    """the deterministic policy mu of L_dpg: gumbel (section 3.2's straight-through hard sample) or probs (the softmax
-    probabilities, E_xi[f(s, xi)] of Proposition 2: the expected, all-action gradient, without sampling noise)"""
     dpg_scale: str = "advantage"
     """advantage: L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s
-    ratio (MPE's default: the README's follow-up A7); raw: L_dpg in reward units against normalised advantages (App. D)"""
-    q_norm: bool = True
-    """if toggled, Q_tot learns its TD(lambda) targets normalised by the value normaliser's statistics (V's returns have
-    Q_tot's scale), so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot wherever reward units are meant"""
-    dpg_clip: bool = False
-    """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
-    pi further from the behaviour policy than L_clip may"""
+    ratio between the two terms; raw: L_dpg in reward units against normalised advantages (App. D)"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts (the study's winner A6, README); 0: no warm-up"""
+    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
     learning_rate: float = 7e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -139,8 +129,7 @@ class Args:
     """if toggled, also train an unfactorized joint Q(s, a_1..a_n) (an MLP, same TD(lambda) targets, own optimiser, no
     effect on the policy) and log diagnostics/rvar_joint, to redo the paper's Figure 1 comparison"""
     log_grad_var: bool = False
-    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
-    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+    """if toggled, log diagnostics/grad_var: the spread of the actor gradient over 8 sub-batches (about +10% update time)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -149,137 +138,306 @@ class Args:
     """the number of updates (total_timesteps // batch_size)"""
 
 
-def fail(message: str) -> None:
-    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks (MAPPO's; App. D)
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
 
 
-def check_args(args: Args) -> None:
-    if args.task not in MPE_TASKS:
-        fail(f"--task must be one of {', '.join(MPE_TASKS)}, got {args.task!r}")
-    if args.env_backend not in ("numpy", "mpe2"):
-        fail(f"--env-backend must be numpy or mpe2, got {args.env_backend!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.mu not in ("gumbel", "probs"):
-        fail(f"--mu must be gumbel or probs, got {args.mu!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag, value in [
-        ("--num-agents", args.num_agents),
-        ("--num-envs", args.num_envs),
-        ("--num-steps", args.num_steps),
-        ("--update-epochs", args.update_epochs),
-        ("--chunk-len", args.chunk_len),
-        ("--torch-threads", args.torch_threads),
-    ]:
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+class Trunk(nn.Module):
+    """LayerNorm(input) -> [Linear -> ReLU -> LayerNorm] x 2 -> GRU -> LayerNorm, shared design of actor, V and Q_i."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(input_dim),
+            layer_init(nn.Linear(input_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            nn.LayerNorm(hidden_dim),
         )
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if args.eval_episodes < 1:
-        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
+        self.gru = nn.GRU(hidden_dim, hidden_dim) if recurrent else None
+        if recurrent:
+            for name, param in self.gru.named_parameters():
+                nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
+            self.gru_norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, x, hidden, masks):
+        """x [L, *batch, in], hidden [*batch, H] entering step 0, masks [L, *batch] (0: an episode starts at this step)
+        -> features [L, *batch, H], hidden after step L-1 [*batch, H]."""
+        x = self.mlp(x)
+        if self.gru is None:
+            return x, hidden
+        seq_len, batch, hidden_dim = x.shape[0], x.shape[1:-1], x.shape[-1]
+        x, hidden, masks = (
+            x.reshape(seq_len, -1, hidden_dim),
+            hidden.reshape(1, -1, hidden_dim),
+            masks.reshape(seq_len, 1, -1, 1),
+        )
+        if bool((masks[1:] == 1).all()):  # no episode restarts inside the window: one fused GRU call
+            x, hidden = self.gru(x, hidden * masks[0])
+        else:  # step by step, forgetting the memory where an episode restarts
+            outputs = []
+            for t in range(seq_len):
+                out, hidden = self.gru(x[t : t + 1], hidden * masks[t])
+                outputs.append(out)
+            x = torch.cat(outputs)
+        return self.gru_norm(x).reshape(seq_len, *batch, hidden_dim), hidden.reshape(*batch, hidden_dim)
 
 
-def require(module: str, install: str, flag: str):
-    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        fail(f"{flag} needs {module}: {install}")
+class Actor(nn.Module):
+    """pi_theta(a_i | o_i, i), shared by all agents."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
+
+    def forward(self, x, hidden, masks, avail_actions):
+        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
+
+
+class Critic(nn.Module):
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+
+    def __init__(self, input_dim, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> values [L, *batch], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features).squeeze(-1), hidden
+
+
+class AgentQ(nn.Module):
+    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__()
+        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
+
+    def forward(self, x, hidden, masks):
+        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
+        features, hidden = self.trunk(x, hidden, masks)
+        return self.head(features), hidden
+
+
+class QMixer(nn.Module):
+    """QMIX: Q_tot = ELU(q |W1(s)| + b1(s)) |W2(s)| + V(s); the absolute weights make dQ_tot/dQ_i >= 0.
+    PyTorch's default initialisation, as pymarl's mixer."""
+
+    def __init__(self, num_agents, state_dim, embed_dim=32, hypernet_dim=64):
+        super().__init__()
+        self.num_agents, self.embed_dim = num_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(
+            nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, num_agents * embed_dim)
+        )
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.state_value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, agent_qs, state):
+        """agent_qs [*batch, n_agents], state [*batch, state_dim] -> q_tot [*batch]"""
+        w1 = self.hyper_w1(state).abs().view(*state.shape[:-1], self.num_agents, self.embed_dim)
+        hidden = F.elu((agent_qs.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        w2 = self.hyper_w2(state).abs()
+        return (hidden * w2).sum(-1) + self.state_value(state).squeeze(-1)
+
+
+class VDNMixer(nn.Module):
+    """VDN: Q_tot = sum_i Q_i (the state is ignored)."""
+
+    def forward(self, agent_qs, state):
+        return agent_qs.sum(-1)
+
+
+class ValueNorm(nn.Module):
+    """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
+
+    def __init__(self, beta=0.99999, epsilon=1e-5):
+        super().__init__()
+        self.beta, self.epsilon = beta, epsilon
+        self.register_buffer("running_mean", torch.zeros(()))
+        self.register_buffer("running_mean_sq", torch.zeros(()))
+        self.register_buffer("debiasing_term", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+
+    def mean_var(self):
+        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
+        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon)
+        return mean, (mean_sq - mean**2).clamp(min=1e-2)
+
+    def normalize(self, x):
+        mean, var = self.mean_var()
+        return (x - mean) / var.sqrt()
+
+    def denormalize(self, x):
+        mean, var = self.mean_var()
+        return x * var.sqrt() + mean
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
+# The algorithm's pure functions (Algorithm 1; the actor loss of eq. (10) and the Q loss)
 # ---------------------------------------------------------------------------------------------------------------------
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+def weighted_mean(x, weights):
+    """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
+    return (x * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
-    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
-    missing, unreadable (truncated) or not this script's."""
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        fail(f"--resume: no such checkpoint {path!r}")
-    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
-    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
-        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
-    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
+def weighted_var(x, weights):
+    """Variance of x over the entries where weights (0/1) is 1."""
+    return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
 
 
-def resume_args(args: Args, checkpoint: dict) -> Args:
-    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
-    saved = checkpoint["args"]
-    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
-    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
-    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
-        if getattr(args, name) != saved[name]:
-            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
-            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
-    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+def gae(rewards, values, masks, gamma, gae_lambda):
+    """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
+    (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
+    advantages = torch.zeros_like(values[:-1])
+    last_advantage = torch.zeros_like(values[0])
+    for t in reversed(range(rewards.shape[0])):
+        next_mask = masks[t + 1].unsqueeze(-1)
+        delta = rewards[t].unsqueeze(-1) + gamma * values[t + 1] * next_mask - values[t]
+        last_advantage = delta + gamma * gae_lambda * next_mask * last_advantage
+        advantages[t] = last_advantage
+    return advantages
 
 
-def rng_states(generators: dict) -> dict:
-    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
-    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
+    """Gated TD(lambda) targets of Q_tot (Algorithm 1, line 11) on a rollout segment in which episodes may restart:
+        G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
+    rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
+    targets = torch.zeros_like(rewards)
+    next_return = q_tot_target[-1]
+    for t in reversed(range(rewards.shape[0])):
+        next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
+        targets[t] = next_return
+    return targets
 
 
-def set_rng_states(states: dict, generators: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
-        if states[name].numel() == generator.get_state().numel():
-            generator.set_state(states[name])
+def normalize_advantages(raw_advantages, weights):
+    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
+    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
+    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
 
 
-def save_atomically(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def gumbel_straight_through(logits, tau=1.0):
+    """mu_i for discrete actions: a Gumbel-Softmax sample, one-hot in the forward pass, the softmax's gradient in the
+    backward pass. Masked logits (-1e10) keep probability 0, so an unavailable action is never picked."""
+    gumbels = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1) noise
+    soft = F.softmax((logits + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
 
 
-class Preemption:
-    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
-    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
-    directly and through the batch shell."""
+def ppo_loss(logprobs, old_logprobs, advantages, weights, clip_coef):
+    """MAPPO's clipped surrogate L_clip (eq. (10), first term), an active-masked mean. -> (loss, approx_kl, clipfrac)"""
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+        approx_kl = weighted_mean((ratio - 1) - logratio, weights)
+        clipfrac = weighted_mean(((ratio - 1.0).abs() > clip_coef).float(), weights)
+    return -weighted_mean(surrogate, weights), approx_kl, clipfrac
 
-    def __init__(self):
-        self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
 
-    def handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
-        self.signal_name = self.signal_name or signal.Signals(signum).name
+def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
+    """MAPPO's value loss in normalised units: Huber, with the update clipped around the rollout's values, max of both."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    loss = torch.max(
+        F.huber_loss(values, targets, reduction="none", delta=huber_delta),
+        F.huber_loss(values_clipped, targets, reduction="none", delta=huber_delta),
+    )
+    return weighted_mean(loss, weights)
+
+
+def dpg_loss(mu, q_values, state, mixer, weights, value_norm):
+    """L_dpg = -Q_tot(s, mu(o)) / N in reward units (eq. (10), second term: divided by the number of agents N, as
+    L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)). mu [*batch, N, A]
+    (one-hot), q_values [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as
+    constants, so the gradient reaches only the actor, via mu."""
+    agent_qs = (mu * q_values.detach()).sum(-1)
+    frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
+    q_tot = value_norm.denormalize(torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
+    return -weighted_mean(q_tot, weights) / mu.shape[-2]
+
+
+def actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
+    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
+    rollout tensors. -> (loss, dict of its parts)"""
+    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    logprobs = dist.log_prob(mb["actions"])
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
+    entropy = weighted_mean(dist.entropy(), weights)
+    dpg = torch.zeros(())
+    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+        mu = gumbel_straight_through(logits)  # [L, B, N, A], section 3.2's reparameterised mu
+        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], value_norm) / dpg_scale
+    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def q_loss(q_tot, q_returns, weights, value_norm):
+    """The Q half of Algorithm 1 (line 23): Q_tot(s, a) [*batch] regresses on its TD(lambda) targets q_returns [*batch]
+    (reward units), an MSE over the weighted entries. Q_tot learns the targets in ValueNorm's units, V's statistics: V's
+    returns have Q_tot's scale, so the QMIX mixer works at unit scale and cannot saturate. (Statistics of Q_tot's own
+    targets would not do: those bootstrap on the denormalised Q_tot', so a wide Q_tot' widens its own scale.)"""
+    return weighted_mean((q_tot - value_norm.normalize(q_returns)) ** 2, weights)
+
+
+def nu_at(global_step, nu, warmup_steps):
+    """--nu-warmup: nu rises linearly from 0 (at step 0) to nu (at warmup_steps), so Q_hat fits before it steers."""
+    return nu * min(1.0, global_step / warmup_steps) if warmup_steps > 0 else nu
+
+
+def soft_update(target, source, tau):
+    """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
+    with torch.no_grad():
+        for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+            target_param.lerp_(param, tau)
+
+
+def to_chunks(x, chunk_len, pad_value=0.0):
+    """Algorithm 1, line 12: a rollout tensor [T, E, ...] -> training chunks [chunk_len, W * E, ...], W = ceil(T /
+    chunk_len) windows per env (chunk w * E + e: window w of env e), each holding all agents of its env, as Q_tot needs
+    every agent's mu at the same t. The last window is padded with pad_value."""
+    n_windows = -(-x.shape[0] // chunk_len)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * chunk_len - x.shape[0]), value=pad_value)
+    return padded.reshape(n_windows, chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+
+
+def one_hot_ids(num_agents, batch_shape, device):
+    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
+    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
+
+
+def actor_input(obs):
+    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
+    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+
+
+def critic_input(obs, state):
+    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
+    -> [*batch, N, S + D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,12 +466,10 @@ def xy_norm(v: np.ndarray) -> np.ndarray:
 
 
 def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> np.ndarray:
-    """Agent-to-target distances of the cheapest one-to-one matching, as mpe2's linear_sum_assignment gives them.
-
-    dists [E, N agents, N targets] -> [E, N] (entry k: agent k's distance to its matched target). With `perms`
-    (all N! matchings as permutations, [P, N]) every matching is scored at once and the cheapest taken: the same
-    optimum as scipy's, batched over envs (faster for N <= 5). Otherwise scipy solves each env in turn.
-    """
+    """Agent-to-target distances of the cheapest one-to-one matching, as mpe2's linear_sum_assignment gives them:
+    dists [E, N agents, N targets] -> [E, N] (entry k: agent k's distance to its matched target). With `perms` (all N!
+    matchings, [P, N]) every matching is scored at once and the cheapest taken: scipy's optimum, batched over envs
+    (faster for N <= 5). Otherwise scipy solves each env in turn."""
     if perms is None:
         return np.stack([d[linear_sum_assignment(d)] for d in dists])
     matched = dists[:, np.arange(dists.shape[1])[:, None], perms.T]  # [E, N, P]: agent k's distance under matching p
@@ -322,12 +478,10 @@ def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> n
 
 
 class NumpyMPE:
-    """All envs of one MPE task stepped together as arrays (a batched port of mpe2).
-
-    Env i draws its initial states from np.random.default_rng(seeds[i]), the generator mpe2 builds in
-    `env.reset(seed=seeds[i])`, and in mpe2's order, so both give the same episodes. An env whose episode ends
-    (after 25 steps) is reset inside `step`: its returned obs is the first obs of its next episode.
-    """
+    """All envs of one MPE task stepped together as arrays (a batched port of mpe2). Env i draws its initial states from
+    np.random.default_rng(seeds[i]), the generator mpe2 builds in `env.reset(seed=seeds[i])`, in mpe2's order, so both
+    give the same episodes. An env whose episode ends (after 25 steps) is reset inside `step`: its returned obs is the
+    first obs of its next episode."""
 
     WORLD = ("pos", "vel", "landmarks", "targets", "steps")  # the arrays that, with the generators, make the state
 
@@ -464,8 +618,8 @@ class NumpyMPE:
             self._reset_envs(np.flatnonzero(dones))
         return self._observe(), rewards, dones
 
-    def close(self):
-        pass  # nothing to release
+    def close(self):  # nothing to release
+        pass
 
 
 class MPE2Envs:
@@ -474,16 +628,8 @@ class MPE2Envs:
     def __init__(self, task, num_agents, seeds, continuous_actions=False, render_mode=None):
         module = importlib.import_module(f"mpe2.{MPE_TASKS[task][0]}")
         kwargs = {"local_ratio": MPE_TASKS[task][2]} if task == "spread" else {}  # line / formation fix theirs to 0
-        self.envs = [
-            module.parallel_env(
-                N=num_agents,
-                max_cycles=MPE_MAX_CYCLES,
-                continuous_actions=continuous_actions,
-                render_mode=render_mode,
-                **kwargs,
-            )
-            for _ in seeds
-        ]
+        kwargs |= {"N": num_agents, "max_cycles": MPE_MAX_CYCLES, "continuous_actions": continuous_actions}
+        self.envs = [module.parallel_env(render_mode=render_mode, **kwargs) for _ in seeds]
         self.agents = self.envs[0].possible_agents
         self.num_envs, self.num_agents, self.seeds = len(seeds), num_agents, seeds
         self.continuous_actions = continuous_actions
@@ -509,11 +655,8 @@ class MPE2Envs:
         rewards = np.zeros((self.num_envs, self.num_agents), dtype=np.float32)
         dones = np.zeros(self.num_envs, dtype=bool)
         for i, env in enumerate(self.envs):
-            act = {
-                agent: (actions[i, k] if self.continuous_actions else int(actions[i, k]))
-                for k, agent in enumerate(self.agents)
-            }
-            env_obs, env_rewards, terminations, truncations, _ = env.step(act)
+            act = [actions[i, k] if self.continuous_actions else int(actions[i, k]) for k in range(self.num_agents)]
+            env_obs, env_rewards, terminations, truncations, _ = env.step(dict(zip(self.agents, act, strict=True)))
             rewards[i] = [env_rewards[agent] for agent in self.agents]
             dones[i] = all(terminations.values()) or all(truncations.values())
             obs[i] = self._stack(env.reset()[0] if dones[i] else env_obs)
@@ -527,382 +670,12 @@ class MPE2Envs:
             env.close()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Networks (MAPPO's, SPEC section 2)
-# ---------------------------------------------------------------------------------------------------------------------
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-class Trunk(nn.Module):
-    """LayerNorm(input) -> [Linear -> ReLU -> LayerNorm] x 2 -> GRU -> LayerNorm, shared design of actor, V and Q_i."""
-
-    def __init__(self, input_dim, hidden_dim, recurrent):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(input_dim),
-            layer_init(nn.Linear(input_dim, hidden_dim)),
-            nn.ReLU(),
-            nn.LayerNorm(hidden_dim),
-            layer_init(nn.Linear(hidden_dim, hidden_dim)),
-            nn.ReLU(),
-            nn.LayerNorm(hidden_dim),
-        )
-        self.gru = nn.GRU(hidden_dim, hidden_dim) if recurrent else None
-        if recurrent:
-            for name, param in self.gru.named_parameters():
-                nn.init.orthogonal_(param) if "weight" in name else nn.init.zeros_(param)
-            self.gru_norm = nn.LayerNorm(hidden_dim)
-
-    def forward(self, x, hidden, masks):
-        """x [L, *batch, in], hidden [*batch, H] entering step 0, masks [L, *batch] (0: an episode starts at this step)
-        -> features [L, *batch, H], hidden after step L-1 [*batch, H]."""
-        x = self.mlp(x)
-        if self.gru is None:
-            return x, hidden
-        seq_len, batch, hidden_dim = x.shape[0], x.shape[1:-1], x.shape[-1]
-        x, hidden, masks = (
-            x.reshape(seq_len, -1, hidden_dim),
-            hidden.reshape(1, -1, hidden_dim),
-            masks.reshape(seq_len, 1, -1, 1),
-        )
-        if bool((masks[1:] == 1).all()):  # no episode restarts inside the window: one fused GRU call
-            x, hidden = self.gru(x, hidden * masks[0])
-        else:  # step by step, forgetting the memory where an episode restarts
-            outputs = []
-            for t in range(seq_len):
-                out, hidden = self.gru(x[t : t + 1], hidden * masks[t])
-                outputs.append(out)
-            x = torch.cat(outputs)
-        return self.gru_norm(x).reshape(seq_len, *batch, hidden_dim), hidden.reshape(*batch, hidden_dim)
-
-
-class Actor(nn.Module):
-    """pi_theta(a_i | o_i, i), shared by all agents."""
-
-    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
-        super().__init__()
-        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
-
-    def forward(self, x, hidden, masks, avail_actions):
-        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
-        features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
-
-
-class Critic(nn.Module):
-    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
-
-    def __init__(self, input_dim, hidden_dim, recurrent):
-        super().__init__()
-        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
-
-    def forward(self, x, hidden, masks):
-        """-> values [L, *batch], hidden [*batch, H]"""
-        features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features).squeeze(-1), hidden
-
-
-class AgentQ(nn.Module):
-    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
-
-    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
-        super().__init__()
-        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
-
-    def forward(self, x, hidden, masks):
-        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
-        features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features), hidden
-
-
-class QMixer(nn.Module):
-    """QMIX: Q_tot = ELU(q |W1(s)| + b1(s)) |W2(s)| + V(s); the absolute weights make dQ_tot/dQ_i >= 0.
-    PyTorch's default initialisation, as pymarl's mixer."""
-
-    def __init__(self, num_agents, state_dim, embed_dim=32, hypernet_dim=64):
-        super().__init__()
-        self.num_agents, self.embed_dim = num_agents, embed_dim
-        self.hyper_w1 = nn.Sequential(
-            nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, num_agents * embed_dim)
-        )
-        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
-        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
-        self.state_value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
-
-    def forward(self, agent_qs, state):
-        """agent_qs [*batch, n_agents], state [*batch, state_dim] -> q_tot [*batch]"""
-        w1 = self.hyper_w1(state).abs().view(*state.shape[:-1], self.num_agents, self.embed_dim)
-        hidden = F.elu((agent_qs.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
-        w2 = self.hyper_w2(state).abs()
-        return (hidden * w2).sum(-1) + self.state_value(state).squeeze(-1)
-
-
-class VDNMixer(nn.Module):
-    """VDN: Q_tot = sum_i Q_i (the state is ignored)."""
-
-    def forward(self, agent_qs, state):
-        return agent_qs.sum(-1)
-
-
-class JointQ(nn.Module):
-    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action."""
-
-    def __init__(self, state_dim, num_agents, n_actions, hidden_dim):
-        super().__init__()
-        self.n_actions = n_actions
-        self.net = nn.Sequential(
-            layer_init(nn.Linear(state_dim + num_agents * n_actions, hidden_dim)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden_dim, hidden_dim)),
-            nn.ReLU(),
-            layer_init(nn.Linear(hidden_dim, 1), std=1.0),
-        )
-
-    def forward(self, state, actions):
-        """state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]"""
-        joint_action = F.one_hot(actions, self.n_actions).flatten(-2).to(state.dtype)
-        return self.net(torch.cat([state, joint_action], -1)).squeeze(-1)
-
-
-class ValueNorm(nn.Module):
-    """MAPPO's ValueNorm: debiased running mean and mean-of-squares of the value targets (beta = 0.99999)."""
-
-    def __init__(self, beta=0.99999, epsilon=1e-5):
-        super().__init__()
-        self.beta, self.epsilon = beta, epsilon
-        self.register_buffer("running_mean", torch.zeros(()))
-        self.register_buffer("running_mean_sq", torch.zeros(()))
-        self.register_buffer("debiasing_term", torch.zeros(()))
-
-    @torch.no_grad()
-    def update(self, x):
-        self.running_mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
-        self.running_mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
-        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
-
-    def mean_var(self):
-        mean = self.running_mean / self.debiasing_term.clamp(min=self.epsilon)
-        mean_sq = self.running_mean_sq / self.debiasing_term.clamp(min=self.epsilon)
-        return mean, (mean_sq - mean**2).clamp(min=1e-2)
-
-    def normalize(self, x):
-        mean, var = self.mean_var()
-        return (x - mean) / var.sqrt()
-
-    def denormalize(self, x):
-        mean, var = self.mean_var()
-        return x * var.sqrt() + mean
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions
-# ---------------------------------------------------------------------------------------------------------------------
-def weighted_mean(x, weights):
-    """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
-    return (x * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-def weighted_var(x, weights):
-    """Variance of x over the entries where weights (0/1) is 1."""
-    return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
-
-
-def gae(rewards, values, masks, gamma, gae_lambda):
-    """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
-    (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
-    advantages = torch.zeros_like(values[:-1])
-    last_advantage = torch.zeros_like(values[0])
-    for t in reversed(range(rewards.shape[0])):
-        next_mask = masks[t + 1].unsqueeze(-1)
-        delta = rewards[t].unsqueeze(-1) + gamma * values[t + 1] * next_mask - values[t]
-        last_advantage = delta + gamma * gae_lambda * next_mask * last_advantage
-        advantages[t] = last_advantage
-    return advantages
-
-
-def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
-    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
-        G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
-    rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
-    targets = torch.zeros_like(rewards)
-    next_return = q_tot_target[-1]
-    for t in reversed(range(rewards.shape[0])):
-        next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
-        targets[t] = next_return
-    return targets
-
-
-def gumbel_straight_through(logits, tau=1.0):
-    """mu_i for discrete actions: a Gumbel-Softmax sample, one-hot in the forward pass, the softmax's gradient in the
-    backward pass. Masked logits (-1e10) keep probability 0, so an unavailable action is never picked."""
-    gumbels = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1) noise
-    soft = F.softmax((logits + gumbels) / tau, dim=-1)
-    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
-
-
-def ppo_loss(logprobs, old_logprobs, advantages, weights, clip_coef):
-    """MAPPO's clipped surrogate L_clip (eq. (10), first term), an active-masked mean. -> (loss, approx_kl, clipfrac)"""
-    logratio = logprobs - old_logprobs
-    ratio = logratio.exp()
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
-        approx_kl = weighted_mean((ratio - 1) - logratio, weights)
-        clipfrac = weighted_mean(((ratio - 1.0).abs() > clip_coef).float(), weights)
-    return -weighted_mean(surrogate, weights), approx_kl, clipfrac
-
-
-def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
-    """MAPPO's value loss in normalised units: Huber, with the update clipped around the rollout's values, max of both."""
-    values_clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
-    loss = torch.max(
-        F.huber_loss(values, targets, reduction="none", delta=huber_delta),
-        F.huber_loss(values_clipped, targets, reduction="none", delta=huber_delta),
-    )
-    return weighted_mean(loss, weights)
-
-
-def dpg_loss(mu, q_values, state, mixer, weights, q_norm):
-    """L_dpg = -Q_tot(s, mu(o)) / N in reward units (eq. (10), second term: divided by the number of agents N, as
-    L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)). mu [*batch, N, A]
-    (one-hot or probabilities), q_values [*batch, N, A], state [*batch, S], weights [*batch]; q_norm: Q_tot's
-    normaliser or None. Q-values and mixer weights enter as constants, so the gradient reaches only the actor, via mu."""
-    agent_qs = (mu * q_values.detach()).sum(-1)
-    frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
-    q_tot = raw_q(q_norm, torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
-    return -weighted_mean(q_tot, weights) / mu.shape[-2]
-
-
-def raw_q(q_norm, q_tot):
-    """Q_tot in reward units: denormalised with --q-norm (q_norm a ValueNorm), as it is without (q_norm None)."""
-    return q_tot if q_norm is None else q_norm.denormalize(q_tot)
-
-
-def normalize_advantages(raw_advantages, weights):
-    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
-    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
-    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
-    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
-
-
-def nu_at(global_step, nu, warmup_steps):
-    """--nu-warmup: nu rises linearly from 0 (at step 0) to nu (at warmup_steps), so Q_hat fits before it steers."""
-    return nu * min(1.0, global_step / warmup_steps) if warmup_steps > 0 else nu
-
-
-def soft_update(target, source, tau):
-    """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
-    with torch.no_grad():
-        for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
-            target_param.lerp_(param, tau)
-
-
-def rvar(advantages, control_variate, weights):
-    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
-    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
-
-
-def grad_variance(grads):
-    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
-    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
-
-
-def actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
-    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
-    rollout tensors. -> (loss, dict of its parts)"""
-    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
-    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
-    logprobs = dist.log_prob(mb["actions"])
-    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
-    entropy = weighted_mean(dist.entropy(), weights)
-    dpg = torch.zeros(())
-    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
-        mu = gumbel_straight_through(logits) if args.mu == "gumbel" else dist.probs  # [L, B, N, A]
-        if args.dpg_clip:  # where PPO's ratio left [1 - clip, 1 + clip], mu enters as a constant: no DPG gradient
-            inside = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef  # [L, B, N]
-            mu = torch.where(inside.unsqueeze(-1), mu, mu.detach())
-        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], q_norm) / dpg_scale
-    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
-    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-
-
-def grad_norm_ratio(numerator, denominator, params):
-    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
-    norms = [
-        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
-        for loss in (numerator, denominator)
-    ]
-    return norms[0] / norms[1].clamp(min=1e-12)
-
-
-def rollout_diagnostics(
-    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, q_norm, rng, joint_q, k=8
-):
-    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
-    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
-    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
-    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
-    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
-    of the rollout's real steps (no padding)."""
-    T, E, N, A = q_values.shape
-    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
-    with torch.enable_grad():
-        q_tot_taken = mixer(q_taken, state)  # [T, E]
-        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
-    q_tot_taken = raw_q(q_norm, q_tot_taken.detach())
-    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
-    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-    control_variate = q_tot_taken - raw_q(q_norm, mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
-    unavailable = avail_actions == 0
-    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
-    q_scale = 1.0 if q_norm is None else q_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
-    active = weights.bool()
-    stats = {
-        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
-        "mixer_slope": slope[active].median(),
-        "q_gap": (q_scale * slope * q_range)[active].median(),
-        "q_tot_mean": q_tot_taken.mean(),
-    }
-    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
-        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
-        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
-    return stats
-
-
-def actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
-    n_chunks = mb["valid"].shape[1]
-    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
-    grads = []
-    for g in range(min(k, n_chunks)):
-        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, q_norm, nu, dpg_scale, args)
-        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
-    return grad_variance(torch.stack(grads))
-
-
-def one_hot_ids(num_agents, batch_shape, device):
-    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
-    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
-
-
-def actor_input(obs):
-    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
-    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
-
-
-def critic_input(obs, state):
-    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
-    -> [*batch, N, S + D + N]"""
-    num_agents = obs.shape[-2]
-    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+def make_envs(args, seeds, render_mode=None):
+    """One env per seed (see env_seeds): the NumPy port, or mpe2 when asked for or rendering."""
+    if args.env_backend == "mpe2" or render_mode is not None:
+        require("mpe2", "pip install mpe2==1.1.1", "--env-backend mpe2" if render_mode is None else "--capture-video")
+        return MPE2Envs(args.task, args.num_agents, seeds, render_mode=render_mode)
+    return NumpyMPE(args.task, args.num_agents, seeds)
 
 
 @torch.no_grad()
@@ -927,10 +700,152 @@ def evaluate(actor, envs, hidden_dim, device, frames=None):
     return returns
 
 
+def save_gif(frames, path):
+    imageio = require("imageio", "pip install imageio", "--capture-video")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, duration=100, loop=0)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (not needed to train)
+# ---------------------------------------------------------------------------------------------------------------------
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def grad_norm_ratio(numerator, denominator, params):
+    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
+    norms = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
+        for loss in (numerator, denominator)
+    ]
+    return norms[0] / norms[1].clamp(min=1e-12)
+
+
+def rollout_diagnostics(
+    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, k=8
+):
+    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
+    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
+    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
+    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
+    of the rollout's real steps (no padding)."""
+    T, E, N, A = q_values.shape
+    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
+    with torch.enable_grad():
+        q_tot_taken = mixer(q_taken, state)  # [T, E]
+        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
+    q_tot_taken = value_norm.denormalize(q_tot_taken.detach())
+    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
+    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    unavailable = avail_actions == 0
+    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
+    q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active = weights.bool()
+    stats = {
+        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "mixer_slope": slope[active].median(),
+        "q_gap": (q_scale * slope * q_range)[active].median(),
+        "q_tot_mean": q_tot_taken.mean(),
+    }
+    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
+        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
+        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
+    return stats
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, value_norm, nu, dpg_scale, args)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+class JointQ(nn.Module):
+    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action."""
+
+    def __init__(self, state_dim, num_agents, n_actions, hidden_dim):
+        super().__init__()
+        self.n_actions = n_actions
+        self.net = nn.Sequential(
+            layer_init(nn.Linear(state_dim + num_agents * n_actions, hidden_dim)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden_dim, hidden_dim)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden_dim, 1), std=1.0),
+        )
+
+    def forward(self, state, actions):
+        """state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]"""
+        joint_action = F.one_hot(actions, self.n_actions).flatten(-2).to(state.dtype)
+        return self.net(torch.cat([state, joint_action], -1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plumbing: argument checks, seeds, checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C), and
+# the blocks of __main__ that are not the algorithm
+# ---------------------------------------------------------------------------------------------------------------------
+def fail(message: str) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        fail(f"{flag} needs {module}: {install}")
+
+
+def check_args(args: Args) -> None:
+    """Bad input stops the run before anything is written, with one line naming the flag (fail)."""
+    choices = {"task": MPE_TASKS, "env_backend": ("numpy", "mpe2"), "mixer": ("qmix", "vdn")}
+    choices["dpg_scale"] = ("raw", "advantage")
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            one_of = "one of " + ", ".join(allowed) if len(allowed) > 2 else " or ".join(allowed)
+            fail(f"--{name.replace('_', '-')} must be {one_of}, got {getattr(args, name)!r}")
+    if args.nu_warmup is not None and args.nu_warmup < 0:
+        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
+    if not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for name in ("num_agents", "num_envs", "num_steps", "update_epochs", "chunk_len", "torch_threads", "eval_episodes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
 def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
     np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
-    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
+    stream (with seed + i, --seed 1 and --seed 2 would share all envs but one)."""
     stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
 
@@ -945,19 +860,167 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
     return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
 
 
-def make_envs(args, seeds, render_mode=None):
-    """One env per seed (see env_seeds): the NumPy port, or mpe2 when asked for or rendering."""
-    if args.env_backend == "mpe2" or render_mode is not None:
-        require("mpe2", "pip install mpe2==1.1.1", "--env-backend mpe2" if render_mode is None else "--capture-video")
-        return MPE2Envs(args.task, args.num_agents, seeds, render_mode=render_mode)
-    return NumpyMPE(args.task, args.num_agents, seeds)
+# what --save-model writes, with the args
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
 
 
-def save_gif(frames, path):
-    imageio = require("imageio", "pip install imageio", "--capture-video")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    imageio.mimsave(path, frames, duration=100, loop=0)
-    return path
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
+    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
+        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
+    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
+        if states[name].numel() == generator.get_state().numel():
+            generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def evaluate_saved_model(args: Args, device: torch.device) -> None:
+    """--eval-only: loads a model saved with --save-model, evaluates it greedily (and renders it with --capture-video),
+    then exits."""
+    try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+        model = torch.load(args.eval_only, map_location=device, weights_only=True)
+    except Exception as error:
+        fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
+    saved = Args(**{**model["args"], "eval_episodes": args.eval_episodes, "env_backend": args.env_backend})
+    envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
+    actor = Actor(envs.obs_dim + saved.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
+    actor.load_state_dict(model["actor"])
+    returns = evaluate(actor, envs, saved.hidden_dim, device)
+    print(
+        f"{args.eval_only}: {saved.task}, {len(returns)} greedy episodes, return {returns.mean():.2f} +- {returns.std():.2f}"
+    )
+    if args.capture_video:
+        frames = []
+        evaluate(actor, make_envs(saved, env_seeds(args.seed, "video", 1), "rgb_array"), saved.hidden_dim, device, frames)
+        print("video:", save_gif(frames, f"videos/{os.path.basename(args.eval_only)}.gif"))
+    sys.exit(0)
+
+
+def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> SummaryWriter:
+    """The run's TensorBoard writer (synced to Weights and Biases with --track). A resumed run drops what the killed
+    process logged after its checkpoint (purge_step), then logs on."""
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
+    return writer
+
+
+def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict, episodes):
+    """--resume: networks, optimisers and generators as they were at the end of the checkpoint's update, and on the
+    NumPy port the envs, the carried-over rollout slot and the running episodes too (mpe2's envs cannot be saved: their
+    episodes start afresh). episodes: (returns, lengths) of the running episodes -> ((last_return, eval_return), episodes)"""
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    set_rng_states(checkpoint["rng"], generators)
+    progress = checkpoint["last_return"], checkpoint["eval_return"]
+    if checkpoint["envs"] is None:
+        print("--resume: mpe2's envs cannot be saved, so their episodes start afresh (the NumPy port's continue)")
+        return progress, episodes
+    envs.load_state_dict(checkpoint["envs"])
+    eval_envs.load_state_dict(checkpoint["eval_envs"])
+    for name, buffer in carried.items():
+        buffer[0] = checkpoint["carried"][name]
+    return progress, (checkpoint["episode_returns"], checkpoint["episode_lengths"])
+
+
+def save_checkpoint(path: str, args: Args, run: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict):
+    """The whole training state, written atomically: what restore_checkpoint reads back. run: run_name, update,
+    global_step, last_return, eval_return and the running episodes' returns and lengths."""
+    save_atomically(
+        {
+            "script": os.path.basename(__file__),
+            "args": asdict(args),
+            **run,
+            **{name: module.state_dict() for name, module in stateful.items()},
+            "rng": rng_states(generators),
+            # mpe2's envs cannot be saved: None, and a resumed run starts their episodes afresh
+            "envs": envs.state_dict() if isinstance(envs, NumpyMPE) else None,
+            "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, NumpyMPE) else None,
+            "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
+        },
+        path,
+    )
+
+
+def stop_if_not_finite(losses: dict, update: int) -> None:
+    """A loss that is NaN or infinite stops the run, naming the update and the loss."""
+    if not torch.isfinite(torch.stack(list(losses.values()))).all():
+        bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+        sys.exit(f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)")
 
 
 if __name__ == "__main__":
@@ -979,47 +1042,12 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # --eval-only: load a saved model, evaluate it greedily, optionally render, and stop
     if args.eval_only is not None:
-        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
-            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
-        except Exception as error:
-            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
-        saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "env_backend": args.env_backend})
-        envs = make_envs(saved, env_seeds(args.seed, "eval", args.eval_episodes))
-        actor = Actor(envs.obs_dim + saved.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
-        actor.load_state_dict(checkpoint["actor"])
-        returns = evaluate(actor, envs, saved.hidden_dim, device)
-        print(
-            f"{args.eval_only}: {saved.task}, {len(returns)} greedy episodes, "
-            f"return {returns.mean():.2f} +- {returns.std():.2f}"
-        )
-        if args.capture_video:
-            frames = []
-            evaluate(actor, make_envs(saved, env_seeds(args.seed, "video", 1), "rgb_array"), saved.hidden_dim, device, frames)
-            print("video:", save_gif(frames, f"videos/{os.path.basename(args.eval_only)}.gif"))
-        sys.exit(0)
+        evaluate_saved_model(args, device)  # exits
 
     run_name = checkpoint["run_name"] if checkpoint else f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
-    if args.track:
-        wandb = require("wandb", "pip install wandb", "--track")
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if not checkpoint:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-        )
+    writer = make_writer(args, run_name, run_dir, checkpoint)
 
     # env setup: the mixer state of MPE is the concatenation of all agents' observations (App. D)
     resumed_after = checkpoint["update"] if checkpoint else None  # mpe2's envs start afresh on --resume (resumed_seeds)
@@ -1028,7 +1056,7 @@ if __name__ == "__main__":
     E, N, A, H, T = args.num_envs, args.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim
 
-    # networks and their three optimisers (SPEC section 2)
+    # networks and their three optimisers (App. D)
     actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
     critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
     # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
@@ -1039,31 +1067,19 @@ if __name__ == "__main__":
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
         joint_q = JointQ(state_dim, N, A, H).to(device) if args.joint_q_diagnostic else None
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
-    value_norm = ValueNorm().to(device)
-    # --q-norm: V's statistics, not those of Q_tot's own targets: these bootstrap on denormalised Q_tot', so while Q_tot'
-    # is wide they widened their own scale, which widened them further (Q_tot reached 1e5 to 1e8 on SMAX 2s3z)
-    q_norm = value_norm if args.q_norm else None
+    value_norm = ValueNorm().to(device)  # of V's targets; Q_tot learns in its units too (q_loss)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    generators = {"diagnostics": torch.Generator(device=device).manual_seed(args.seed + 2)}  # keeps MAPPO's stream as is
+    # what a checkpoint saves and --resume restores, besides generators, envs and the carried-over rollout slot
+    stateful = {"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer, "target_agent_q": target_agent_q}
+    stateful |= {"target_mixer": target_mixer, "value_norm": value_norm, "actor_optimizer": actor_optimizer}
+    stateful |= {"critic_optimizer": critic_optimizer, "q_optimizer": q_optimizer}
     if joint_q is not None:
         joint_q_optimizer = torch.optim.Adam(joint_q.parameters(), lr=args.learning_rate, eps=1e-5)
-    diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
-    # what a checkpoint saves and --resume restores, besides generators, envs and the carried-over rollout slot
-    stateful = {
-        "actor": actor,
-        "critic": critic,
-        "agent_q": agent_q,
-        "mixer": mixer,
-        "target_agent_q": target_agent_q,
-        "target_mixer": target_mixer,
-        "value_norm": value_norm,
-        "actor_optimizer": actor_optimizer,
-        "critic_optimizer": critic_optimizer,
-        "q_optimizer": q_optimizer,
-        **({"joint_q": joint_q, "joint_q_optimizer": joint_q_optimizer} if joint_q is not None else {}),
-    }
+        stateful |= {"joint_q": joint_q, "joint_q_optimizer": joint_q_optimizer}
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
     obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
@@ -1071,9 +1087,7 @@ if __name__ == "__main__":
     avail_actions = torch.ones(T + 1, E, N, A, device=device)  # MPE: every action is always available
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in MPE)
-    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
-    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
-    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
     actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
     logprobs = torch.zeros(T, E, N, device=device)
     rollout_logits = torch.zeros(T, E, N, A, device=device)
@@ -1089,21 +1103,11 @@ if __name__ == "__main__":
     obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
-    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
     if checkpoint:  # --resume: everything as it was at the end of the checkpoint's update
         global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
-        last_return, eval_return = checkpoint["last_return"], checkpoint["eval_return"]
-        if checkpoint["envs"] is None:
-            print("--resume: mpe2's envs cannot be saved, so their episodes start afresh (the NumPy port's continue)")
-        else:
-            envs.load_state_dict(checkpoint["envs"])
-            eval_envs.load_state_dict(checkpoint["eval_envs"])
-            for name, buffer in carried.items():
-                buffer[0] = checkpoint["carried"][name]
-            episode_returns, episode_lengths = checkpoint["episode_returns"], checkpoint["episode_lengths"]
+        (last_return, eval_return), (episode_returns, episode_lengths) = restore_checkpoint(
+            checkpoint, stateful, generators, envs, eval_envs, carried, (episode_returns, episode_lengths)
+        )
     start_step, preemption = global_step, Preemption()
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
@@ -1163,56 +1167,33 @@ if __name__ == "__main__":
             greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
             target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
             target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
-            q_tot_target = raw_q(q_norm, target_mixer(target_agent_qs, state))  # [T+1, E], reward units
+            q_tot_target = value_norm.denormalize(target_mixer(target_agent_qs, state))  # [T+1, E], reward units
             q_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
             # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            probs = rollout_logits.softmax(-1)
             diagnostics = rollout_diagnostics(
-                raw_advantages,
-                active,
-                q_values_online,
-                actions,
-                rollout_logits.softmax(-1),
-                avail_actions[:T],
-                state[:T],
-                mixer,
-                q_norm,
-                diagnostics_rng,
-                joint_q,
-            )
+                raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
+                generators["diagnostics"], joint_q
+            )  # fmt: skip
 
-        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
-        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
-        def to_chunks(x, pad_value=0.0):
-            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
-            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
-
+        # CHUNKS (Algorithm 1, line 12): the rollout in chunks of --chunk-len steps of all agents of one env, which start
+        # from the hidden states stored in the rollout (line 20). Padding has valid = 0; masks are padded with 1 so that
+        # the GRU stays fused.
+        rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
+        rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
+        rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
         batch = {
-            name: to_chunks(x, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
-            for name, x in {
-                "obs": obs[:T],
-                "state": state[:T],
-                "avail_actions": avail_actions[:T],
-                "masks": masks[:T],
-                "active_masks": active,
-                "actions": actions,
-                "logprobs": logprobs,
-                "advantages": advantages,
-                "returns": returns,
-                "values": values[:T],
-                "q_returns": q_returns,
-                "valid": torch.ones(T, E, device=device),
-            }.items()
+            name: to_chunks(x, args.chunk_len, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
+            for name, x in rollout.items()
         }
-        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
-        start_hidden = {
-            name: h[chunk_starts].flatten(0, 1)
-            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
-        }
+        hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
+        start_hidden = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk
 
-        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
-        n_chunks = n_windows * E
+        # OPTIMIZE (Algorithm 1, line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own
+        # Adam, per minibatch of chunks
+        n_chunks = -(-T // args.chunk_len) * E
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
             for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
@@ -1223,62 +1204,47 @@ if __name__ == "__main__":
                 q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
                 new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
-                loss, parts = actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args)
+                loss, parts = actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args)
                 first_minibatch = not stats
                 if first_minibatch and nu > 0:
                     actor_params = list(actor.parameters())
                     dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
                 if first_minibatch and args.log_grad_var:
-                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args)
-                valid = mb["valid"].bool()
-                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args)
+                value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
                 weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
-                v_loss = value_loss(
-                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
-                )
+                normalized_returns = value_norm.normalize(mb["returns"])
+                v_loss = value_loss(new_values, mb["values"], normalized_returns, weights, args.clip_coef, args.huber_delta)
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
-                q_targets = mb["q_returns"]
-                if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
-                    q_targets = q_norm.normalize(q_targets)
-                q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
-
-                losses = {
-                    "policy_loss": parts["policy_loss"],
-                    "dpg_loss": parts["dpg_loss"],
-                    "value_loss": v_loss,
-                    "q_loss": q_loss,
-                }
-                if not torch.isfinite(torch.stack(list(losses.values()))).all():
-                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
-                    sys.exit(
-                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
-                    )
+                tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
+                losses = {"policy_loss": parts["policy_loss"], "dpg_loss": parts["dpg_loss"]}
+                stop_if_not_finite({**losses, "value_loss": v_loss, "q_loss": tot_loss}, update)
 
                 for optimizer, module_loss, params in [
                     (actor_optimizer, loss, actor.parameters()),
                     (critic_optimizer, v_loss, critic.parameters()),
-                    (q_optimizer, q_loss, q_params),
+                    (q_optimizer, tot_loss, q_params),
                 ]:
                     optimizer.zero_grad()
                     module_loss.backward()
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
-                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (Algorithm 1, line 25)
                 soft_update(target_mixer, mixer, args.target_tau)
-                if joint_q is not None:
+                if joint_q is not None:  # Figure 1's unfactorized Q, on the same targets; the policy never sees it
                     joint_q_loss = weighted_mean((joint_q(mb["state"], mb["actions"]) - mb["q_returns"]) ** 2, mb["valid"])
                     joint_q_optimizer.zero_grad()
                     joint_q_loss.backward()
                     joint_q_optimizer.step()
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss}.items():
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": tot_loss}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
         for buffer in carried.values():
             buffer[0] = buffer[T]
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
@@ -1319,26 +1285,9 @@ if __name__ == "__main__":
 
         # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
-            save_atomically(
-                {
-                    "script": os.path.basename(__file__),
-                    "args": asdict(args),
-                    "run_name": run_name,
-                    "update": update,
-                    "global_step": global_step,
-                    **{name: module.state_dict() for name, module in stateful.items()},
-                    "rng": rng_states({"diagnostics": diagnostics_rng}),
-                    "last_return": last_return,
-                    "eval_return": eval_return,
-                    # mpe2's envs cannot be saved: None, and a resumed run starts their episodes afresh
-                    "envs": envs.state_dict() if isinstance(envs, NumpyMPE) else None,
-                    "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, NumpyMPE) else None,
-                    "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
-                    "episode_returns": episode_returns,
-                    "episode_lengths": episode_lengths,
-                },
-                checkpoint_path,
-            )
+            run = {"run_name": run_name, "update": update, "global_step": global_step, "last_return": last_return}
+            run |= {"eval_return": eval_return, "episode_returns": episode_returns, "episode_lengths": episode_lengths}
+            save_checkpoint(checkpoint_path, args, run, stateful, generators, envs, eval_envs, carried)
             if preemption.signal_name:
                 print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
                 break
@@ -1351,10 +1300,8 @@ if __name__ == "__main__":
         )
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            save_atomically(
-                {"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS if name in stateful}},
-                model_path,
-            )
+            model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
+            save_atomically({"args": asdict(args), **model}, model_path)
             print(f"model saved to {model_path}")
     envs.close()
     eval_envs.close()

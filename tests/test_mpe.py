@@ -100,7 +100,7 @@ def test_save_model_then_eval_only(tmp_path):
 
 def test_nu_zero_is_mappo(tmp_path):
     """With nu = 0 the actor and V must not depend on the Q branch at all: two runs from the same seed whose Q branches
-    differ completely (mixer, TD(lambda), target rate, Q normalisation, every option of L_dpg) end with identical actor
+    differ completely (mixer, TD(lambda), target rate, every option of L_dpg) end with identical actor
     and V parameters (so they also saw the same rollouts). The control: with nu > 0 the same change does move the actor."""
     common = ["--task", "spread", "--num-agents", "3", "--save-model", "--eval-interval", "0", *TINY]
     runs = {}
@@ -109,8 +109,8 @@ def test_nu_zero_is_mappo(tmp_path):
         "vdn": ["--nu", "0", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
         "qmix_nu": ["--nu", "0.5", "--mixer", "qmix"],
         "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
-        # every flag of issue 12 at once: with nu = 0 none of them may touch the actor or V
-        "flags": ["--nu", "0", "--no-q-norm", "--dpg-clip", "--mu", "probs", "--dpg-scale", "raw", "--nu-warmup", "75"],
+        # every flag of the DPG term at once: with nu = 0 none of them may touch the actor or V
+        "flags": ["--nu", "0", "--dpg-scale", "raw", "--nu-warmup", "75"],
     }.items():
         os.makedirs(tmp_path / name)
         run(extra + common, tmp_path / name)
@@ -178,9 +178,9 @@ def test_a_diverged_last_minibatch_stops_at_the_next_rollout(tmp_path):
 
 def test_learning_improves_the_greedy_return(tmp_path):
     """Spread with 2 agents, 32 envs, 50 updates (~30 s): the greedy return of the last three evaluations must beat
-    that of the first two by a clear margin. Measured on seeds 1, 2, 3 with the defaults of issue 12 (per-agent L_dpg
-    weight, --q-norm) and issue 14's env seeds: margins 15.0, 7.0 and 16.4 (returns from about -45 to about -27; seed 2's
-    first evaluation was already -33), so seed 1 against a threshold of 8."""
+    that of the first two by a clear margin. Measured on seeds 1, 2, 3 (per-agent L_dpg weight, Q_tot in ValueNorm's
+    units, independent env seeds): margins 15.0, 7.0 and 16.4 (returns from about -45 to about -27; seed 2's first
+    evaluation was already -33), so seed 1 against a threshold of 8."""
     flags = ["--task", "spread", "--num-agents", "2", "--num-envs", "32", "--update-epochs", "5"]
     run([*flags, "--total-timesteps", "40000", "--eval-interval", "5", "--eval-episodes", "32", "--seed", "1"], tmp_path)
     (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
@@ -265,7 +265,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *resumed_budget, "--resume", checkpoint])
     resumed = maipg_mpe.resume_args(maipg_mpe.tyro.cli(maipg_mpe.Args, args=sys.argv[1:]), saved)
     assert saved["args"]["nu_warmup"] == resumed.nu_warmup == 100000 // 5
-    assert saved["args"]["dpg_scale"] == "advantage"  # MPE's default since the follow-up A7 (README)
+    assert saved["args"]["dpg_scale"] == "advantage"  # MPE's default
     result = run([*flags, *resumed_budget, "--resume", checkpoint], tmp_path)
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
 
@@ -277,7 +277,7 @@ def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_smac.py", "args": {}}, tmp_path / "foreign.pt")
     stale = torch.load(checkpoint, weights_only=False)  # as an older version of the script wrote it
-    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "dpg_scale"}, "gone": 1}
     torch.save(stale, tmp_path / "stale.pt")
     # from the command line: one line, exit status 2, nothing written
     for flags, message in [
@@ -295,7 +295,7 @@ def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
         (["--resume", "no/such/run"], "--resume: no such checkpoint 'no/such/run'"),
         (["--resume", "truncated.pt"], "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         (["--resume", "foreign.pt"], "--resume: 'foreign.pt' is not a checkpoint of maipg_mpe.py"),
-        (["--resume", "stale.pt"], "was written by another version of maipg_mpe.py (flags that differ: gone, q_norm)"),
+        (["--resume", "stale.pt"], "was written by another version of maipg_mpe.py (flags that differ: dpg_scale, gone)"),
         (["--resume", checkpoint, "--no-recurrent"], "--recurrent cannot change on --resume (the run has True)"),
     ]:
         monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *flags])

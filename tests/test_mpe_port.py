@@ -65,7 +65,7 @@ def test_seed_sets_initial_state(task):
 
 @pytest.mark.parametrize("task", ["spread", "line", "formation"])
 def test_runs_of_different_seeds_and_streams_share_no_initial_state(task):
-    """With seed + i per env, --seed 1 and --seed 2 shared 127 of 128 envs (issue 14); env_seeds shares none."""
+    """With seed + i per env, --seed 1 and --seed 2 would share 127 of 128 envs; env_seeds shares none."""
 
     def initial_states(seed, stream):
         obs = maipg_mpe.NumpyMPE(task, 5, maipg_mpe.env_seeds(seed, stream, 128)).reset()  # [128, 5, obs_dim]
