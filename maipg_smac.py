@@ -1,24 +1,18 @@
 """MAIPG on the StarCraft Multi-Agent Challenge: real StarCraft II (SMAC) where it is installed, JaxMARL's SMAX elsewhere.
 
-Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
-deterministic, low-variance term: the actor minimises
-
-    (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)) / N,
-
-where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N: eq. (10)
-weighs the two terms (1 - nu) : nu per agent), Q_tot is a factorized Q-function (per-agent Q_i mixed by QMIX or VDN)
-learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through
-Gumbel-Softmax sample over the available actions). nu trades bias for variance: nu = 0 is exactly MAPPO.
+Multi-Agent Interpolated Policy Gradients (the paper's eq. (10) and Algorithm 1) is MAPPO plus one deterministic,
+low-variance term: the actor minimises (1 - nu) * L_clip + nu * L_dpg - c_ent * H, L_dpg = -Q_tot(s, mu(o)) / N, where
+L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N), Q_tot a
+factorized Q-function (per-agent Q_i mixed by QMIX or VDN) learned with TD(lambda), and mu the reparameterised
+deterministic policy (a straight-through Gumbel-Softmax sample over the available actions). nu = 0 is exactly MAPPO.
 
     python maipg_smac.py --map 2s3z --nu 0.3            # the paper's SMAC settings (App. D, Table 3), nu overridden
     python maipg_smac.py --map 3m --env-backend smax     # SMAX: SMAC re-implemented in JAX, no game needed
-    python maipg_smac.py --help                          # every flag, with its meaning
 
-Backends: `sc2` is SMAC itself (`pip install git+https://github.com/oxwhirl/smac.git`, StarCraft II 4.10 in $SC2PATH
-and the SMAC maps in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0`; `auto` takes sc2 when the game
-and the map are found, else smax. SMAX's units, observations and scripted enemy differ from StarCraft II's: its win
-rates are not comparable to SMAC's. Flags left unset take the map's preset (Table 3 by difficulty, MAPPO's per-map
-scripts where the paper is silent); a flag given on the command line beats the preset.
+Backends: `sc2` is SMAC itself (`pip install git+https://github.com/oxwhirl/smac.git`, StarCraft II 4.10 in $SC2PATH,
+the SMAC maps in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0` (its win rates are not comparable to
+SMAC's); `auto` takes sc2 when the game and the map are found, else smax. Flags left unset take the map's preset (Table
+3 by difficulty, MAPPO's per-map scripts where the paper is silent); a flag given on the command line beats the preset.
 """
 
 import copy
@@ -54,8 +48,7 @@ class Args:
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
     torch_threads: int = 1
-    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
-    machine; more helps one run with idle cores to spare"""
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per machine"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -67,12 +60,11 @@ class Args:
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes greedy episodes) instead of training"""
     checkpoint_interval: int = 200
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (200 updates: about 10
-    minutes at the default settings on SMAX 2s3z; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    """write the training state to runs/{run_name}/checkpoint.pt every this many updates (0: never) and on SIGTERM/SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (bit
-    for bit on SMAX; StarCraft II's episodes start afresh); only --total-timesteps, --eval-interval,
-    --checkpoint-interval, --track, --cuda and --torch-threads may differ from the run's own flags"""
+    """a checkpoint.pt, or its run folder: continue that run in its folder (bit for bit on SMAX; StarCraft II's episodes
+    start afresh); only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads may
+    differ from the run's own flags"""
 
     # Environment
     map: str = "2s3z"
@@ -90,26 +82,17 @@ class Args:
     eval_episodes: int = 32
     """the number of greedy evaluation episodes (eval/win_rate), shared among --num-envs separate eval envs"""
 
-    # Algorithm (MAPPO's values and the paper's App. D). None: the map's preset, see SMAC_PRESETS
+    # Algorithm (MAPPO's values and the paper's App. D). None: the map's preset (apply_presets)
     nu: DisallowNone[float | None] = None
     """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO (preset: 0.4 on easy maps, 0.3 on hard and super hard)"""
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
-    mu: str = "gumbel"
-    """the deterministic policy mu of L_dpg: gumbel (section 3.2's straight-through hard sample) or probs (the softmax
-    probabilities, E_xi[f(s, xi)] of Proposition 2: the expected, all-action gradient, without sampling noise)"""
     dpg_scale: str = "raw"
     """raw: L_dpg in reward units against normalised advantages (App. D, which compensates with a small nu); advantage:
     L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
-    q_norm: bool = True
-    """if toggled, Q_tot learns its TD(lambda) targets normalised by the value normaliser's statistics (V's returns have
-    Q_tot's scale), so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot wherever reward units are meant"""
-    dpg_clip: bool = False
-    """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
-    pi further from the behaviour policy than L_clip may"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts (the study's winner A6, README); 0: no warm-up"""
+    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -139,8 +122,7 @@ class Args:
     recurrent: DisallowNone[bool | None] = None
     """--no-recurrent: the trunks have no GRU, MAPPO's MLP variant (preset: off on corridor, 6h_vs_8z, 3s_vs_4z, 3s_vs_5z)"""
     log_grad_var: bool = False
-    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
-    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+    """if toggled, log diagnostics/grad_var: the spread of the actor gradient over 8 sub-batches (about +10% update time)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -149,430 +131,8 @@ class Args:
     """the number of updates (total_timesteps // batch_size)"""
 
 
-def fail(message: str) -> None:
-    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args: Args) -> None:
-    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
-    if args.map not in SMAC_EPISODE_LIMITS:
-        fail(f"--map must be a SMAC map ({', '.join(SMAC_EPISODE_LIMITS)}), got {args.map!r}")
-    if args.env_backend not in ("auto", "sc2", "smax"):
-        fail(f"--env-backend must be auto, sc2 or smax, got {args.env_backend!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.mu not in ("gumbel", "probs"):
-        fail(f"--mu must be gumbel or probs, got {args.mu!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if args.nu is not None and not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag, value in [
-        ("--num-envs", args.num_envs),
-        ("--num-steps", args.num_steps),
-        ("--chunk-len", args.chunk_len),
-        ("--torch-threads", args.torch_threads),
-    ]:
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
-    if args.update_epochs is not None and args.update_epochs < 1:
-        fail(f"--update-epochs must be >= 1, got {args.update_epochs}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if args.num_minibatches is not None and not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if args.eval_episodes < 1:
-        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
-
-
-def require(module: str, install: str, flag: str):
-    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        fail(f"{flag} needs {module}: {install}")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
-# ---------------------------------------------------------------------------------------------------------------------
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
-
-
-def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
-    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
-    missing, unreadable (truncated) or not this script's."""
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        fail(f"--resume: no such checkpoint {path!r}")
-    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
-    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
-        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
-    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
-
-
-def resume_args(args: Args, checkpoint: dict) -> Args:
-    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
-    saved = checkpoint["args"]
-    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
-    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
-    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
-        if getattr(args, name) != saved[name]:
-            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
-            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
-    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
-
-
-def rng_states(generators: dict) -> dict:
-    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
-    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
-
-
-def set_rng_states(states: dict, generators: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
-        if states[name].numel() == generator.get_state().numel():
-            generator.set_state(states[name])
-
-
-def save_atomically(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-class Preemption:
-    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
-    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
-    directly and through the batch shell."""
-
-    def __init__(self):
-        self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-map presets: the paper's Table 3 by difficulty; MAPPO's per-map scripts where the paper is silent
-# ---------------------------------------------------------------------------------------------------------------------
-# map difficulty as in MAPPO's SMAC table (Yu et al., 2022), the code base and settings MAIPG builds on
-SMAC_DIFFICULTY = {
-    "easy": ["2m_vs_1z", "3m", "2s_vs_1sc", "2s3z", "3s_vs_3z", "3s_vs_4z", "so_many_baneling", "8m", "MMM", "1c3s5z",
-             "bane_vs_bane"],
-    "hard": ["3s_vs_5z", "2c_vs_64zg", "8m_vs_9m", "25m", "5m_vs_6m", "3s5z", "10m_vs_11m"],
-    "super hard": ["MMM2", "3s5z_vs_3s6z", "27m_vs_30m", "6h_vs_8z", "corridor"],
-}  # fmt: skip
-TABLE3 = {
-    "easy": {"update_epochs": 5, "nu": 0.4},
-    "hard": {"update_epochs": 10, "nu": 0.3},
-    "super hard": {"update_epochs": 15, "nu": 0.3},
-}
-MAPPO_MAP_SCRIPTS = {  # onpolicy/scripts/train_smac_scripts/train_smac_{map}.sh
-    "5m_vs_6m": {"clip_coef": 0.05},
-    "8m_vs_9m": {"clip_coef": 0.05},
-    "3s_vs_5z": {"clip_coef": 0.05, "recurrent": False},
-    "3s_vs_4z": {"recurrent": False},
-    "corridor": {"recurrent": False},
-    "6h_vs_8z": {"recurrent": False},
-    "MMM2": {"num_minibatches": 2},
-}
-PRESET_DEFAULTS = {"clip_coef": 0.2, "num_minibatches": 1, "recurrent": True}  # MAPPO's on every other map
-
-
-def apply_presets(args: Args) -> dict:
-    """Fills every preset-able flag left unset (None) from the map's preset. -> {flag: (value, where it came from)}"""
-    difficulty = next(level for level, maps in SMAC_DIFFICULTY.items() if args.map in maps)
-    presets = {name: (value, "MAPPO default") for name, value in PRESET_DEFAULTS.items()}
-    presets |= {name: (value, f"Table 3, {difficulty} map") for name, value in TABLE3[difficulty].items()}
-    presets |= {name: (value, f"MAPPO's {args.map} script") for name, value in MAPPO_MAP_SCRIPTS.get(args.map, {}).items()}
-    final = {}
-    for name, (value, source) in presets.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-        else:
-            source = "command line"
-        final[name] = (getattr(args, name), source)
-    return final
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Environment: SMAC on StarCraft II (`sc2`) or on SMAX (`smax`), behind one batched interface.
-# Both return arrays shaped [envs, agents, ...]; a finished env is reset inside `step` after its terminal step was read
-# (its reward, win and done are returned; the returned obs is the first of its next episode).
-# ---------------------------------------------------------------------------------------------------------------------
-# SMAC's maps and their episode limits in steps (smac/env/starcraft2/maps/smac_maps.py)
-SMAC_EPISODE_LIMITS = {
-    "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "8m_vs_9m": 120, "10m_vs_11m": 150, "27m_vs_30m": 180, "MMM": 150,
-    "MMM2": 180, "2s3z": 120, "3s5z": 150, "3s5z_vs_3s6z": 170, "3s_vs_3z": 150, "3s_vs_4z": 200, "3s_vs_5z": 250,
-    "1c3s5z": 180, "2m_vs_1z": 150, "corridor": 400, "6h_vs_8z": 150, "2s_vs_1sc": 300, "so_many_baneling": 100,
-    "bane_vs_bane": 200, "2c_vs_64zg": 400,
-}  # fmt: skip
-SMAC_INSTALL = "pip install git+https://github.com/oxwhirl/smac.git"
-SMAC_MAPS_URL = "https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip"
-SC2_DEFAULT_PATHS = {
-    "linux": "~/StarCraftII",
-    "darwin": "/Applications/StarCraft II",
-    "win32": "C:/Program Files (x86)/StarCraft II",
-}
-# SMAC scales each battle's return to at most 20 (reward_scale_rate); SMAX's is at most 2 (1 for destroying all enemy
-# health + a won_battle_bonus of 1). Multiplying SMAX rewards by 10 puts Q_tot on the scale nu was tuned for (Table 3).
-SMAX_REWARD_SCALE = 10.0
-
-
-class EnvStep(NamedTuple):
-    obs: np.ndarray  # [E, N, obs_dim] float32, zeros for dead agents
-    state: np.ndarray  # [E, state_dim] float32, the global state (mixer input)
-    avail_actions: np.ndarray  # [E, N, n_actions] float32, 1 = available
-    alive: np.ndarray  # [E, N] bool
-    rewards: np.ndarray  # [E] float32, one team reward per env step
-    dones: np.ndarray  # [E] bool, the episode ended with this step (win, loss or the map's episode limit)
-    won: np.ndarray  # [E] bool, the episode ended with this step in a won battle
-
-
-@functools.cache
-def compile_smax(map_name: str, num_envs: int, compile_cache_dir: str):
-    """SMAX's batched reset and step for num_envs envs, compiled ahead of time, once per process (train and eval envs
-    of the same size share them). -> (env, reset, step)"""
-    import jax
-    import jax.numpy as jnp
-    from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
-
-    # on the CPU whatever the machine: at a few envs one fused XLA call there beats a GPU launch, and JAX would
-    # otherwise reserve most of the GPU memory that torch needs
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_compilation_cache_dir", compile_cache_dir)  # a second run reuses the compiled step
-    # episode limit = the SMAC map's (SMAX's default is 100 steps on every map)
-    env = HeuristicEnemySMAX(scenario=map_name_to_scenario(map_name), max_steps=SMAC_EPISODE_LIMITS[map_name])
-    agents = env.agents
-
-    def strong_types(tree):
-        """The same dtypes (no weak types) after reset and step, so the step compiles once."""
-        return jax.tree.map(lambda x: x.astype(x.dtype), tree)
-
-    def world_state(states):
-        """SMAX's world state [E, units * F + 2 * units] (per unit: health, x, y, cooldown, type one-hot; then every
-        unit's team and type index) with SMAC's scale: positions / map size and type indices / the largest, in [0, 1].
-        Raw, the positions (0 to 32) would dominate the mixer's hypernetworks, which see the state unnormalised."""
-        n_units, n_features = env.num_allies + env.num_enemies, len(env.own_features)
-        raw = jax.vmap(env.get_world_state)(states)
-        units = raw[:, : n_units * n_features].reshape(-1, n_units, n_features)
-        units = units.at[:, :, 1:3].divide(jnp.array([env.map_width, env.map_height]))
-        types = raw[:, -n_units:] / (env.unit_type_bits - 1)
-        return jnp.concatenate([units.reshape(-1, n_units * n_features), raw[:, -2 * n_units : -n_units], types], axis=1)
-
-    def observe(states):
-        """[E]-batched env states -> obs [E, N, obs_dim], state [E, state_dim], avail [E, N, A], alive [E, N]."""
-        obs = jax.vmap(env.get_obs)(states)
-        avail = jax.vmap(env.get_avail_actions)(states)
-        return (
-            jnp.stack([obs[a] for a in agents], axis=1),
-            world_state(states),
-            jnp.stack([avail[a] for a in agents], axis=1).astype(jnp.float32),
-            states.state.unit_alive[:, : env.num_allies],
-        )
-
-    def reset(key):
-        key, reset_key = jax.random.split(key)
-        _, states = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
-        return key, strong_types(states), observe(states)
-
-    def step(key, states, actions):
-        key, step_key, reset_key = jax.random.split(key, 3)
-        # step_env: the step without JaxMARL's auto-reset, so the terminal step's reward and win are seen
-        _, states, rewards, dones, _ = jax.vmap(env.step_env)(
-            jax.random.split(step_key, num_envs), states, {a: actions[:, i] for i, a in enumerate(agents)}
-        )
-        done = dones["__all__"]  # [E]
-        team_reward = rewards[agents[0]]  # every ally gets the same team reward
-        # a won battle, as SMAXLogWrapper counts it: the last step's reward holds the won-battle bonus
-        won = done & (team_reward >= env.won_battle_bonus)
-        # then reset the finished envs ourselves
-        _, fresh = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
-        states = jax.tree.map(lambda f, s: jnp.where(done.reshape((-1,) + (1,) * (s.ndim - 1)), f, s), fresh, states)
-        return key, strong_types(states), observe(states) + (team_reward * SMAX_REWARD_SCALE, done, won)
-
-    # compiled here, ahead of time, so that the run's env-stepping time is stepping only
-    key = jax.random.PRNGKey(0)
-    lowered_reset = jax.jit(reset).lower(key)
-    states = lowered_reset.out_info[1]  # the shapes and dtypes of the batched env states
-    actions = jax.ShapeDtypeStruct((num_envs, env.num_allies), jnp.int32)
-    return env, lowered_reset.compile(), jax.jit(step).lower(key, states, actions).compile()
-
-
-class SmaxEnvs:
-    """JaxMARL's SMAX (a JAX re-implementation of SMAC, against SMAC's scripted enemy): all envs in one jitted step."""
-
-    def __init__(self, map_name: str, num_envs: int, seed: int, compile_cache_dir: str):
-        import jax
-
-        env, self._reset, self._step = compile_smax(map_name, num_envs, compile_cache_dir)
-        self.num_envs, self.num_agents = num_envs, env.num_allies
-        self.obs_dim, self.state_dim = env.observation_space(env.agents[0]).shape[0], env.state_size
-        self.n_actions, self.episode_limit = env.action_space(env.agents[0]).n, env.max_steps
-        self.key, self.states = jax.random.PRNGKey(seed), None
-
-    def reset(self) -> EnvStep:
-        self.key, self.states, (obs, state, avail, alive) = self._reset(self.key)
-        zeros = np.zeros(self.num_envs, dtype=np.float32)
-        return EnvStep(*map(np.array, (obs, state, avail, alive)), zeros, zeros.astype(bool), zeros.astype(bool))
-
-    def step(self, actions: np.ndarray) -> EnvStep:
-        self.key, self.states, out = self._step(self.key, self.states, np.asarray(actions, dtype=np.int32))
-        return EnvStep(*map(np.array, out))  # copies: torch wants writable arrays
-
-    def state_dict(self) -> dict:
-        """Everything the next steps depend on (for --resume): the JAX key and the env states, as NumPy arrays."""
-        import jax
-
-        return {"key": jax.device_get(self.key), "states": jax.device_get(self.states)}
-
-    def load_state_dict(self, state: dict) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        self.key, self.states = jnp.asarray(state["key"]), jax.tree.map(jnp.asarray, state["states"])
-
-    def close(self):
-        pass
-
-
-def make_starcraft2_env(map_name: str, seed: int):
-    """SMAC's StarCraft2Env with its default settings, built inside a worker process."""
-    from absl import flags
-    from smac.env import StarCraft2Env
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1])  # pysc2 reads absl flags: parse them once, before the first reset
-    return StarCraft2Env(map_name=map_name, seed=seed)
-
-
-def sc2_worker(remote, parent_remote, env_factory):
-    """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
-    # Ctrl-C's SIGINT reaches the whole process group: the main process checkpoints, then closes the workers. Ignored
-    # here, and so in the game this worker starts (an ignored signal stays ignored across exec, unless the game
-    # handles it itself).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent_remote.close()
-    env = env_factory()
-
-    def observe():
-        obs, state = np.array(env.get_obs(), dtype=np.float32), np.array(env.get_state(), dtype=np.float32)
-        avail = np.array(env.get_avail_actions(), dtype=np.float32)
-        alive = avail[:, 0] == 0  # SMAC: a dead agent can only no-op (action 0), a live one never can
-        return obs, state, avail, alive
-
-    try:
-        while True:
-            command, data = remote.recv()
-            if command == "step":
-                reward, terminated, info = env.step(data)
-                won = bool(info.get("battle_won", False))  # a failed game step returns an empty info
-                if terminated:
-                    env.reset()
-                remote.send(observe() + (reward, terminated, won))
-            elif command == "reset":
-                env.reset()
-                remote.send(observe())
-            elif command == "get_env_info":
-                remote.send(env.get_env_info())
-            elif command == "close":
-                break
-    finally:
-        env.close()
-        remote.close()
-
-
-class Sc2Envs:
-    """SMAC on StarCraft II: one worker process per env (each runs its own game), stepped together over pipes."""
-
-    def __init__(self, map_name: str, seeds: list[int], env_factory=make_starcraft2_env):
-        ctx = mp.get_context()  # the platform's default (fork on Linux, as MAPPO's workers); spawn works as well
-        num_envs = len(seeds)
-        self.remotes, work_remotes = zip(*[ctx.Pipe() for _ in range(num_envs)], strict=True)
-        self.processes = []
-        for seed, remote, work_remote in zip(seeds, self.remotes, work_remotes, strict=True):
-            factory = functools.partial(env_factory, map_name=map_name, seed=seed)
-            process = ctx.Process(target=sc2_worker, args=(work_remote, remote, factory), daemon=True)
-            process.start()
-            self.processes.append(process)
-            work_remote.close()
-        self.remotes[0].send(("get_env_info", None))
-        info = self.remotes[0].recv()
-        self.num_envs, self.num_agents = num_envs, info["n_agents"]
-        self.obs_dim, self.state_dim = info["obs_shape"], info["state_shape"]
-        self.n_actions, self.episode_limit = info["n_actions"], info["episode_limit"]
-
-    def reset(self) -> EnvStep:
-        for remote in self.remotes:
-            remote.send(("reset", None))
-        obs, state, avail, alive = map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True))
-        zeros = np.zeros(self.num_envs, dtype=np.float32)
-        return EnvStep(obs, state, avail, alive, zeros, zeros.astype(bool), zeros.astype(bool))
-
-    def step(self, actions: np.ndarray) -> EnvStep:
-        for remote, env_actions in zip(self.remotes, actions, strict=True):
-            remote.send(("step", env_actions.tolist()))
-        obs, state, avail, alive, rewards, dones, won = map(
-            np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True)
-        )
-        return EnvStep(obs, state, avail, alive, rewards.astype(np.float32), dones, won)
-
-    def close(self):
-        for remote in self.remotes:
-            remote.send(("close", None))
-        for process in self.processes:
-            process.join()
-
-
-def sc2_problem(map_name: str) -> str | None:
-    """Why the sc2 backend cannot run this map here (one line), or None when it can."""
-    try:
-        from smac.env import StarCraft2Env  # noqa: F401
-    except ImportError:
-        # PyPI's `smac` is SMAC3, an unrelated optimiser that also installs a top-level `smac` module
-        return f"SMAC is not installed: {SMAC_INSTALL}; PyPI's `smac` is SMAC3, another package"
-    sc2_path = Path(os.environ.get("SC2PATH", SC2_DEFAULT_PATHS.get(sys.platform, "~/StarCraftII"))).expanduser()
-    if not (sc2_path / "Versions").is_dir():
-        return f"StarCraft II not found: {sc2_path / 'Versions'} does not exist (install StarCraft II 4.10 and set SC2PATH)"
-    map_file = sc2_path / "Maps" / "SMAC_Maps" / f"{map_name}.SC2Map"
-    if not map_file.is_file():
-        return f"SMAC map not found: {map_file} (unzip SMAC_Maps.zip from {SMAC_MAPS_URL} into {map_file.parent.parent})"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Networks (MAPPO's, SPEC section 2)
+# Networks (MAPPO's; App. D)
 # ---------------------------------------------------------------------------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -725,7 +285,7 @@ class ValueNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions
+# The algorithm's pure functions (Algorithm 1; the actor loss of eq. (10) and the Q loss)
 # ---------------------------------------------------------------------------------------------------------------------
 def weighted_mean(x, weights):
     """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
@@ -751,7 +311,7 @@ def gae(rewards, values, masks, gamma, gae_lambda):
 
 
 def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
-    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+    """Gated TD(lambda) targets of Q_tot (Algorithm 1, line 11) on a rollout segment in which episodes may restart:
         G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
     rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
     targets = torch.zeros_like(rewards)
@@ -760,6 +320,13 @@ def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
         next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
         targets[t] = next_return
     return targets
+
+
+def normalize_advantages(raw_advantages, weights):
+    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
+    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
+    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
 
 
 def gumbel_straight_through(logits, tau=1.0):
@@ -792,27 +359,40 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def dpg_loss(mu, q_values, state, mixer, weights, q_norm):
+def dpg_loss(mu, q_values, state, mixer, weights, value_norm):
     """L_dpg = -Q_tot(s, mu(o)) / N in reward units (eq. (10), second term: divided by the number of agents N, as
     L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)). mu [*batch, N, A]
-    (one-hot or probabilities), q_values [*batch, N, A], state [*batch, S], weights [*batch]; q_norm: Q_tot's
-    normaliser or None. Q-values and mixer weights enter as constants, so the gradient reaches only the actor, via mu."""
+    (one-hot), q_values [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as
+    constants, so the gradient reaches only the actor, via mu."""
     agent_qs = (mu * q_values.detach()).sum(-1)
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
-    q_tot = raw_q(q_norm, torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
+    q_tot = value_norm.denormalize(torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
     return -weighted_mean(q_tot, weights) / mu.shape[-2]
 
 
-def raw_q(q_norm, q_tot):
-    """Q_tot in reward units: denormalised with --q-norm (q_norm a ValueNorm), as it is without (q_norm None)."""
-    return q_tot if q_norm is None else q_norm.denormalize(q_tot)
+def actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
+    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
+    rollout tensors. -> (loss, dict of its parts)"""
+    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    logprobs = dist.log_prob(mb["actions"])
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
+    entropy = weighted_mean(dist.entropy(), weights)
+    dpg = torch.zeros(())
+    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+        mu = gumbel_straight_through(logits)  # [L, B, N, A], section 3.2's reparameterised mu
+        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], value_norm) / dpg_scale
+    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
-def normalize_advantages(raw_advantages, weights):
-    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
-    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
-    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
-    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
+def q_loss(q_tot, q_returns, weights, value_norm):
+    """The Q half of Algorithm 1 (line 23): Q_tot(s, a) [*batch] regresses on its TD(lambda) targets q_returns [*batch]
+    (reward units), an MSE over the weighted entries. Q_tot learns the targets in ValueNorm's units, V's statistics: V's
+    returns have Q_tot's scale, so the QMIX mixer works at unit scale and cannot saturate. (Statistics of Q_tot's own
+    targets would not do: those bootstrap on the denormalised Q_tot', so a wide Q_tot' widens its own scale.)"""
+    return weighted_mean((q_tot - value_norm.normalize(q_returns)) ** 2, weights)
 
 
 def nu_at(global_step, nu, warmup_steps):
@@ -827,89 +407,13 @@ def soft_update(target, source, tau):
             target_param.lerp_(param, tau)
 
 
-def rvar(advantages, control_variate, weights):
-    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
-    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
-
-
-def grad_variance(grads):
-    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
-    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
-
-
-def actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
-    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
-    rollout tensors. -> (loss, dict of its parts)"""
-    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
-    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
-    logprobs = dist.log_prob(mb["actions"])
-    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
-    entropy = weighted_mean(dist.entropy(), weights)
-    dpg = torch.zeros(())
-    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
-        mu = gumbel_straight_through(logits) if args.mu == "gumbel" else dist.probs  # [L, B, N, A]
-        if args.dpg_clip:  # where PPO's ratio left [1 - clip, 1 + clip], mu enters as a constant: no DPG gradient
-            inside = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef  # [L, B, N]
-            mu = torch.where(inside.unsqueeze(-1), mu, mu.detach())
-        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], q_norm) / dpg_scale
-    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
-    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-
-
-def grad_norm_ratio(numerator, denominator, params):
-    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
-    norms = [
-        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
-        for loss in (numerator, denominator)
-    ]
-    return norms[0] / norms[1].clamp(min=1e-12)
-
-
-def rollout_diagnostics(
-    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, q_norm, rng, joint_q, k=8
-):
-    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
-    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
-    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
-    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
-    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
-    of the rollout's real steps (no padding)."""
-    T, E, N, A = q_values.shape
-    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
-    with torch.enable_grad():
-        q_tot_taken = mixer(q_taken, state)  # [T, E]
-        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
-    q_tot_taken = raw_q(q_norm, q_tot_taken.detach())
-    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
-    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-    control_variate = q_tot_taken - raw_q(q_norm, mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
-    unavailable = avail_actions == 0
-    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
-    q_scale = 1.0 if q_norm is None else q_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
-    active = weights.bool()
-    stats = {
-        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
-        "mixer_slope": slope[active].median(),
-        "q_gap": (q_scale * slope * q_range)[active].median(),
-        "q_tot_mean": q_tot_taken.mean(),
-    }
-    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
-        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
-        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
-    return stats
-
-
-def actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
-    n_chunks = mb["valid"].shape[1]
-    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
-    grads = []
-    for g in range(min(k, n_chunks)):
-        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, q_norm, nu, dpg_scale, args)
-        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
-    return grad_variance(torch.stack(grads))
+def to_chunks(x, chunk_len, pad_value=0.0):
+    """Algorithm 1, line 12: a rollout tensor [T, E, ...] -> training chunks [chunk_len, W * E, ...], W = ceil(T /
+    chunk_len) windows per env (chunk w * E + e: window w of env e), each holding all agents of its env, as Q_tot needs
+    every agent's mu at the same t. The last window is padded with pad_value."""
+    n_windows = -(-x.shape[0] // chunk_len)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * chunk_len - x.shape[0]), value=pad_value)
+    return padded.reshape(n_windows, chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
 
 
 def one_hot_ids(num_agents, batch_shape, device):
@@ -928,6 +432,256 @@ def critic_input(obs, state, alive):
     num_agents = obs.shape[-2]
     features = torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), obs], -1) * alive.unsqueeze(-1)
     return torch.cat([features, one_hot_ids(num_agents, obs.shape[:-2], obs.device)], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: SMAC on StarCraft II (`sc2`) or on SMAX (`smax`), behind one batched interface. Both return arrays shaped
+# [envs, agents, ...]; a finished env is reset inside `step` after its terminal step was read (its reward, win and done
+# are returned; the returned obs is the first of its next episode).
+# ---------------------------------------------------------------------------------------------------------------------
+SMAC_EPISODE_LIMITS = {  # smac/env/starcraft2/maps/smac_maps.py
+    "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "8m_vs_9m": 120, "10m_vs_11m": 150, "27m_vs_30m": 180, "MMM": 150,
+    "MMM2": 180, "2s3z": 120, "3s5z": 150, "3s5z_vs_3s6z": 170, "3s_vs_3z": 150, "3s_vs_4z": 200, "3s_vs_5z": 250,
+    "1c3s5z": 180, "2m_vs_1z": 150, "corridor": 400, "6h_vs_8z": 150, "2s_vs_1sc": 300, "so_many_baneling": 100,
+    "bane_vs_bane": 200, "2c_vs_64zg": 400,
+}  # fmt: skip
+SMAC_INSTALL = "pip install git+https://github.com/oxwhirl/smac.git"
+SMAC_MAPS_URL = "https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip"
+SC2_PATHS = {"linux": "~/StarCraftII", "darwin": "/Applications/StarCraft II", "win32": "C:/Program Files (x86)/StarCraft II"}
+# SMAC scales each battle's return to at most 20 (reward_scale_rate); SMAX's is at most 2 (1 for destroying all enemy
+# health + a won_battle_bonus of 1). Multiplying SMAX rewards by 10 puts Q_tot on the scale nu was tuned for (Table 3).
+SMAX_REWARD_SCALE = 10.0
+
+
+class EnvStep(NamedTuple):
+    obs: np.ndarray  # [E, N, obs_dim] float32, zeros for dead agents
+    state: np.ndarray  # [E, state_dim] float32, the global state (mixer input)
+    avail_actions: np.ndarray  # [E, N, n_actions] float32, 1 = available
+    alive: np.ndarray  # [E, N] bool
+    rewards: np.ndarray  # [E] float32, one team reward per env step
+    dones: np.ndarray  # [E] bool, the episode ended with this step (win, loss or the map's episode limit)
+    won: np.ndarray  # [E] bool, the episode ended with this step in a won battle
+
+
+@functools.cache
+def compile_smax(map_name: str, num_envs: int, compile_cache_dir: str):
+    """SMAX's batched reset and step for num_envs envs, compiled ahead of time once per process (train and eval envs of
+    one size share them), on the CPU: at a few envs one fused XLA call there beats a GPU launch, and JAX would otherwise
+    reserve the GPU memory torch needs. The episode limit is the SMAC map's (SMAX's is 100 everywhere). -> (env, reset,
+    step)"""
+    import jax
+    import jax.numpy as jnp
+    from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_compilation_cache_dir", compile_cache_dir)  # a second run reuses the compiled step
+    env = HeuristicEnemySMAX(scenario=map_name_to_scenario(map_name), max_steps=SMAC_EPISODE_LIMITS[map_name])
+    agents = env.agents
+    strong_types = lambda tree: jax.tree.map(lambda x: x.astype(x.dtype), tree)  # no weak types: one compiled step
+
+    def world_state(states):
+        """SMAX's world state [E, units * F + 2 * units] (per unit: health, x, y, cooldown, type one-hot; then every
+        unit's team and type index) on SMAC's scale, positions / map size and type indices / the largest, in [0, 1]:
+        raw, the positions (0 to 32) would dominate the mixer's hypernetworks, which see the state unnormalised."""
+        n_units, n_features = env.num_allies + env.num_enemies, len(env.own_features)
+        raw = jax.vmap(env.get_world_state)(states)
+        units = raw[:, : n_units * n_features].reshape(-1, n_units, n_features)
+        units = units.at[:, :, 1:3].divide(jnp.array([env.map_width, env.map_height]))
+        types = raw[:, -n_units:] / (env.unit_type_bits - 1)
+        return jnp.concatenate([units.reshape(-1, n_units * n_features), raw[:, -2 * n_units : -n_units], types], axis=1)
+
+    def observe(states):
+        """[E]-batched env states -> obs [E, N, obs_dim], state [E, state_dim], avail [E, N, A], alive [E, N]."""
+        obs, avail = jax.vmap(env.get_obs)(states), jax.vmap(env.get_avail_actions)(states)
+        obs, avail = jnp.stack([obs[a] for a in agents], axis=1), jnp.stack([avail[a] for a in agents], axis=1)
+        return obs, world_state(states), avail.astype(jnp.float32), states.state.unit_alive[:, : env.num_allies]
+
+    def reset(key):
+        key, reset_key = jax.random.split(key)
+        _, states = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
+        return key, strong_types(states), observe(states)
+
+    def step(key, states, actions):
+        key, step_key, reset_key = jax.random.split(key, 3)
+        # step_env: the step without JaxMARL's auto-reset, so the terminal step's reward and win are seen
+        _, states, rewards, dones, _ = jax.vmap(env.step_env)(
+            jax.random.split(step_key, num_envs), states, {a: actions[:, i] for i, a in enumerate(agents)}
+        )
+        done, team_reward = dones["__all__"], rewards[agents[0]]  # [E]; every ally gets the same team reward
+        won = done & (team_reward >= env.won_battle_bonus)  # as SMAXLogWrapper counts a won battle
+        _, fresh = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))  # then reset the finished envs ourselves
+        states = jax.tree.map(lambda f, s: jnp.where(done.reshape((-1,) + (1,) * (s.ndim - 1)), f, s), fresh, states)
+        return key, strong_types(states), observe(states) + (team_reward * SMAX_REWARD_SCALE, done, won)
+
+    # compiled here, ahead of time, so that the run's env-stepping time is stepping only
+    key = jax.random.PRNGKey(0)
+    lowered_reset = jax.jit(reset).lower(key)
+    states = lowered_reset.out_info[1]  # the shapes and dtypes of the batched env states
+    actions = jax.ShapeDtypeStruct((num_envs, env.num_allies), jnp.int32)
+    return env, lowered_reset.compile(), jax.jit(step).lower(key, states, actions).compile()
+
+
+class SmaxEnvs:
+    """JaxMARL's SMAX (a JAX re-implementation of SMAC, against SMAC's scripted enemy): all envs in one jitted step."""
+
+    def __init__(self, map_name: str, num_envs: int, seed: int, compile_cache_dir: str):
+        import jax
+
+        env, self._reset, self._step = compile_smax(map_name, num_envs, compile_cache_dir)
+        self.num_envs, self.num_agents = num_envs, env.num_allies
+        self.obs_dim, self.state_dim = env.observation_space(env.agents[0]).shape[0], env.state_size
+        self.n_actions, self.episode_limit = env.action_space(env.agents[0]).n, env.max_steps
+        self.key, self.states = jax.random.PRNGKey(seed), None
+
+    def reset(self) -> EnvStep:
+        self.key, self.states, (obs, state, avail, alive) = self._reset(self.key)
+        zeros = np.zeros(self.num_envs, dtype=np.float32)
+        return EnvStep(*map(np.array, (obs, state, avail, alive)), zeros, zeros.astype(bool), zeros.astype(bool))
+
+    def step(self, actions: np.ndarray) -> EnvStep:
+        self.key, self.states, out = self._step(self.key, self.states, np.asarray(actions, dtype=np.int32))
+        return EnvStep(*map(np.array, out))  # copies: torch wants writable arrays
+
+    def state_dict(self) -> dict:
+        """Everything the next steps depend on (for --resume): the JAX key and the env states, as NumPy arrays."""
+        import jax
+
+        return {"key": jax.device_get(self.key), "states": jax.device_get(self.states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        import jax
+
+        self.key, self.states = jax.numpy.asarray(state["key"]), jax.tree.map(jax.numpy.asarray, state["states"])
+
+    def close(self):
+        pass
+
+
+def make_starcraft2_env(map_name: str, seed: int):
+    """SMAC's StarCraft2Env with its default settings, built inside a worker process."""
+    from absl import flags
+    from smac.env import StarCraft2Env
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])  # pysc2 reads absl flags: parse them once, before the first reset
+    return StarCraft2Env(map_name=map_name, seed=seed)
+
+
+def sc2_worker(remote, parent_remote, env_factory):
+    """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
+    # Ctrl-C's SIGINT reaches the whole process group: the main process checkpoints, then closes the workers. Ignored
+    # here, and so in the game this worker starts (an ignored signal stays ignored across exec, unless the game
+    # handles it itself).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_remote.close()
+    env = env_factory()
+
+    def observe():
+        obs, state = np.array(env.get_obs(), dtype=np.float32), np.array(env.get_state(), dtype=np.float32)
+        avail = np.array(env.get_avail_actions(), dtype=np.float32)
+        return obs, state, avail, avail[:, 0] == 0  # alive: a dead agent can only no-op (action 0), a live one never can
+
+    try:
+        while True:
+            command, data = remote.recv()
+            if command == "step":
+                reward, terminated, info = env.step(data)
+                won = bool(info.get("battle_won", False))  # a failed game step returns an empty info
+                if terminated:
+                    env.reset()
+                remote.send(observe() + (reward, terminated, won))
+            elif command == "reset":
+                env.reset()
+                remote.send(observe())
+            elif command == "get_env_info":
+                remote.send(env.get_env_info())
+            elif command == "close":
+                break
+    finally:
+        env.close()
+        remote.close()
+
+
+class Sc2Envs:
+    """SMAC on StarCraft II: one worker process per env (each runs its own game), stepped together over pipes."""
+
+    def __init__(self, map_name: str, seeds: list[int], env_factory=make_starcraft2_env):
+        ctx = mp.get_context()  # the platform's default (fork on Linux, as MAPPO's workers); spawn works as well
+        self.remotes, work_remotes = zip(*[ctx.Pipe() for _ in seeds], strict=True)
+        self.processes = []
+        for seed, remote, work_remote in zip(seeds, self.remotes, work_remotes, strict=True):
+            factory = functools.partial(env_factory, map_name=map_name, seed=seed)
+            self.processes.append(ctx.Process(target=sc2_worker, args=(work_remote, remote, factory), daemon=True))
+            self.processes[-1].start()
+            work_remote.close()
+        self.remotes[0].send(("get_env_info", None))
+        info = self.remotes[0].recv()
+        self.num_envs, self.num_agents = len(seeds), info["n_agents"]
+        self.obs_dim, self.state_dim = info["obs_shape"], info["state_shape"]
+        self.n_actions, self.episode_limit = info["n_actions"], info["episode_limit"]
+
+    def reset(self) -> EnvStep:
+        for remote in self.remotes:
+            remote.send(("reset", None))
+        obs, state, avail, alive = map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True))
+        zeros = np.zeros(self.num_envs, dtype=np.float32)
+        return EnvStep(obs, state, avail, alive, zeros, zeros.astype(bool), zeros.astype(bool))
+
+    def step(self, actions: np.ndarray) -> EnvStep:
+        for remote, env_actions in zip(self.remotes, actions, strict=True):
+            remote.send(("step", env_actions.tolist()))
+        out = map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True))
+        obs, state, avail, alive, rewards, dones, won = out
+        return EnvStep(obs, state, avail, alive, rewards.astype(np.float32), dones, won)
+
+    def close(self):
+        for remote in self.remotes:
+            remote.send(("close", None))
+        for process in self.processes:
+            process.join()
+
+
+def sc2_problem(map_name: str) -> str | None:
+    """Why the sc2 backend cannot run this map here (one line), or None when it can."""
+    try:
+        from smac.env import StarCraft2Env  # noqa: F401
+    except ImportError:
+        # PyPI's `smac` is SMAC3, an unrelated optimiser that also installs a top-level `smac` module
+        return f"SMAC is not installed: {SMAC_INSTALL}; PyPI's `smac` is SMAC3, another package"
+    sc2_path = Path(os.environ.get("SC2PATH", SC2_PATHS.get(sys.platform, "~/StarCraftII"))).expanduser()
+    if not (sc2_path / "Versions").is_dir():
+        return f"StarCraft II not found: {sc2_path / 'Versions'} does not exist (install StarCraft II 4.10 and set SC2PATH)"
+    map_file = sc2_path / "Maps" / "SMAC_Maps" / f"{map_name}.SC2Map"
+    if not map_file.is_file():
+        return f"SMAC map not found: {map_file} (unzip SMAC_Maps.zip from {SMAC_MAPS_URL} into {map_file.parent.parent})"
+    return None
+
+
+def resolve_backend(args: Args) -> str:
+    """auto -> sc2 when SMAC, the game and the map are all found, else smax, saying which and why."""
+    if args.env_backend in ("auto", "sc2"):
+        problem = sc2_problem(args.map)
+        if problem is None:
+            print(f"--env-backend {args.env_backend}: SMAC on StarCraft II, map {args.map}")
+            return "sc2"
+        if args.env_backend == "sc2":
+            fail(f"--env-backend sc2: {problem}")
+        print(f"--env-backend auto: using smax, as {problem}. SMAX win rates are not comparable to StarCraft II's.")
+    require("jaxmarl", "pip install jaxmarl==0.2.0", "--env-backend smax")
+    from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+
+    smax_maps = [name for name in MAP_NAME_TO_SCENARIO if name in SMAC_EPISODE_LIMITS]
+    if args.map not in smax_maps:
+        fail(f"--map {args.map} is not in SMAX, whose SMAC maps are {', '.join(smax_maps)} (the sc2 backend has all)")
+    return "smax"
+
+
+def make_envs(args: Args, backend: str, seeds: list[int]):
+    """One env per seed (see env_seeds). SMAX's envs share one JAX key, drawn from the first seed; JAX's compilation
+    cache sits beside the runs, so that the next run skips compiling the SMAX step."""
+    if backend == "sc2":
+        return Sc2Envs(args.map, seeds)
+    return SmaxEnvs(args.map, len(seeds), seeds[0], os.path.abspath(os.path.join("runs", "jax_cache")))
 
 
 @torch.no_grad()
@@ -955,29 +709,165 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device):
     return np.array(returns), np.array(wins)
 
 
-def resolve_backend(args: Args) -> str:
-    """auto -> sc2 when SMAC, the game and the map are all found, else smax, saying which and why."""
-    if args.env_backend in ("auto", "sc2"):
-        problem = sc2_problem(args.map)
-        if problem is None:
-            print(f"--env-backend {args.env_backend}: SMAC on StarCraft II, map {args.map}")
-            return "sc2"
-        if args.env_backend == "sc2":
-            fail(f"--env-backend sc2: {problem}")
-        print(f"--env-backend auto: using smax, as {problem}. SMAX win rates are not comparable to StarCraft II's.")
-    require("jaxmarl", "pip install jaxmarl==0.2.0", "--env-backend smax")
-    from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (not needed to train)
+# ---------------------------------------------------------------------------------------------------------------------
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
 
-    smax_maps = [name for name in MAP_NAME_TO_SCENARIO if name in SMAC_EPISODE_LIMITS]
-    if args.map not in smax_maps:
-        fail(f"--map {args.map} is not in SMAX, whose SMAC maps are {', '.join(smax_maps)} (the sc2 backend has all)")
-    return "smax"
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def grad_norm_ratio(numerator, denominator, params):
+    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
+    norms = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
+        for loss in (numerator, denominator)
+    ]
+    return norms[0] / norms[1].clamp(min=1e-12)
+
+
+def rollout_diagnostics(
+    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, k=8
+):
+    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
+    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
+    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
+    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
+    of the rollout's real steps (no padding)."""
+    T, E, N, A = q_values.shape
+    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
+    with torch.enable_grad():
+        q_tot_taken = mixer(q_taken, state)  # [T, E]
+        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
+    q_tot_taken = value_norm.denormalize(q_tot_taken.detach())
+    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
+    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    unavailable = avail_actions == 0
+    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
+    q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active = weights.bool()
+    stats = {
+        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "mixer_slope": slope[active].median(),
+        "q_gap": (q_scale * slope * q_range)[active].median(),
+        "q_tot_mean": q_tot_taken.mean(),
+    }
+    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
+        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
+        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
+    return stats
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, value_norm, nu, dpg_scale, args)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plumbing: argument checks, per-map presets, seeds, checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT
+# from Ctrl-C), and the blocks of __main__ that are not the algorithm
+# ---------------------------------------------------------------------------------------------------------------------
+def fail(message: str) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        fail(f"{flag} needs {module}: {install}")
+
+
+def check_args(args: Args) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    if args.map not in SMAC_EPISODE_LIMITS:
+        fail(f"--map must be a SMAC map ({', '.join(SMAC_EPISODE_LIMITS)}), got {args.map!r}")
+    if args.env_backend not in ("auto", "sc2", "smax"):
+        fail(f"--env-backend must be auto, sc2 or smax, got {args.env_backend!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if args.dpg_scale not in ("raw", "advantage"):
+        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    if args.nu_warmup is not None and args.nu_warmup < 0:
+        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
+    if args.nu is not None and not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for flag in ("num_envs", "num_steps", "chunk_len", "torch_threads", "eval_episodes", "update_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:  # --update-epochs unset takes the preset
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if args.num_minibatches is not None and not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+# Per-map presets: the paper's Table 3 by difficulty; MAPPO's per-map scripts where the paper is silent.
+# Map difficulty as in MAPPO's SMAC table (Yu et al., 2022), the code base and settings MAIPG builds on.
+SMAC_DIFFICULTY = {
+    "easy": ["2m_vs_1z", "3m", "2s_vs_1sc", "2s3z", "3s_vs_3z", "3s_vs_4z", "so_many_baneling", "8m", "MMM", "1c3s5z",
+             "bane_vs_bane"],
+    "hard": ["3s_vs_5z", "2c_vs_64zg", "8m_vs_9m", "25m", "5m_vs_6m", "3s5z", "10m_vs_11m"],
+    "super hard": ["MMM2", "3s5z_vs_3s6z", "27m_vs_30m", "6h_vs_8z", "corridor"],
+}  # fmt: skip
+TABLE3 = {
+    "easy": {"update_epochs": 5, "nu": 0.4},
+    "hard": {"update_epochs": 10, "nu": 0.3},
+    "super hard": {"update_epochs": 15, "nu": 0.3},
+}
+MAPPO_MAP_SCRIPTS = {  # onpolicy/scripts/train_smac_scripts/train_smac_{map}.sh
+    "5m_vs_6m": {"clip_coef": 0.05}, "8m_vs_9m": {"clip_coef": 0.05}, "3s_vs_5z": {"clip_coef": 0.05, "recurrent": False},
+    "3s_vs_4z": {"recurrent": False}, "corridor": {"recurrent": False}, "6h_vs_8z": {"recurrent": False},
+    "MMM2": {"num_minibatches": 2},
+}  # fmt: skip
+PRESET_DEFAULTS = {"clip_coef": 0.2, "num_minibatches": 1, "recurrent": True}  # MAPPO's on every other map
+
+
+def apply_presets(args: Args) -> dict:
+    """Fills every preset-able flag left unset (None) from the map's preset. -> {flag: (value, where it came from)}"""
+    difficulty = next(level for level, maps in SMAC_DIFFICULTY.items() if args.map in maps)
+    presets = {name: (value, "MAPPO default") for name, value in PRESET_DEFAULTS.items()}
+    presets |= {name: (value, f"Table 3, {difficulty} map") for name, value in TABLE3[difficulty].items()}
+    presets |= {name: (value, f"MAPPO's {args.map} script") for name, value in MAPPO_MAP_SCRIPTS.get(args.map, {}).items()}
+    final = {}
+    for name, (value, source) in presets.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+        else:
+            source = "command line"
+        final[name] = (getattr(args, name), source)
+    return final
 
 
 def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
     """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
     np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
-    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
+    stream (with seed + i, --seed 1 and --seed 2 would share all envs but one)."""
     stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
     return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
 
@@ -992,12 +882,167 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
     return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
 
 
-def make_envs(args: Args, backend: str, seeds: list[int]):
-    """One env per seed (see env_seeds). SMAX's envs share one JAX key, drawn from the first seed."""
-    if backend == "sc2":
-        return Sc2Envs(args.map, seeds)
-    # JAX's compilation cache sits beside the runs, so that the next run skips compiling the SMAX step
-    return SmaxEnvs(args.map, len(seeds), seeds[0], os.path.abspath(os.path.join("runs", "jax_cache")))
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+
+
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
+    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
+        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
+    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
+        if states[name].numel() == generator.get_state().numel():
+            generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def evaluate_saved_model(args: Args, device: torch.device) -> None:
+    """--eval-only: --eval-episodes greedy episodes of a model saved by --save-model, on the backend it was trained on
+    unless --env-backend names one (observation sizes differ between backends); prints the result and exits."""
+    try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+        model = torch.load(args.eval_only, map_location=device, weights_only=True)
+    except Exception as error:
+        fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
+    backend = model["args"]["env_backend"] if args.env_backend == "auto" else args.env_backend
+    known = {field.name for field in fields(Args)}  # a model saved by an older version may hold flags since removed
+    saved = Args(**{**{name: value for name, value in model["args"].items() if name in known}, "env_backend": backend})
+    envs = make_envs(saved, resolve_backend(saved), env_seeds(args.seed, "eval", min(saved.num_envs, args.eval_episodes)))
+    actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
+    actor.load_state_dict(model["actor"])
+    returns, wins = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
+    envs.close()
+    print(
+        f"{args.eval_only}: {saved.map}, {len(returns)} greedy episodes, win rate {wins.mean():.3f}, "
+        f"return {returns.mean():.2f} +- {returns.std():.2f}"
+    )
+    sys.exit(0)
+
+
+def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> SummaryWriter:
+    """The run's TensorBoard writer (synced to Weights and Biases with --track). A resumed run drops what the killed
+    process logged after its checkpoint (purge_step), then logs on."""
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
+    return writer
+
+
+def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict, episodes):
+    """--resume: networks, optimisers and generators as they were at the end of the checkpoint's update, and on SMAX
+    the envs, the carried-over rollout slot and the running episodes too (StarCraft II cannot be saved: its episodes
+    start afresh). episodes: (returns, lengths) of the running episodes -> (the progress line's values, episodes)"""
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    set_rng_states(checkpoint["rng"], generators)
+    if checkpoint["envs"] is None:
+        print("--resume: StarCraft II cannot be saved, so its episodes start afresh (SMAX's continue)")
+        return checkpoint["progress"], episodes
+    envs.load_state_dict(checkpoint["envs"])
+    if eval_envs is not None and checkpoint["eval_envs"] is not None:  # --eval-interval may have turned them on
+        eval_envs.load_state_dict(checkpoint["eval_envs"])
+    for name, buffer in carried.items():
+        buffer[0] = checkpoint["carried"][name]
+    return checkpoint["progress"], (checkpoint["episode_returns"], checkpoint["episode_lengths"])
+
+
+def save_checkpoint(path: str, args: Args, run: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict):
+    """The whole training state, written atomically: what restore_checkpoint reads back. run: the backend, presets,
+    run_name, update, global_step, progress (the progress line's latest values) and the running episodes' returns and
+    lengths."""
+    save_atomically(
+        {
+            "script": os.path.basename(__file__),
+            "args": asdict(args),
+            **run,
+            **{name: module.state_dict() for name, module in stateful.items()},
+            "rng": rng_states(generators),
+            # StarCraft II cannot be saved: None, and a resumed run starts its episodes afresh
+            "envs": envs.state_dict() if isinstance(envs, SmaxEnvs) else None,
+            "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, SmaxEnvs) else None,
+            "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
+        },
+        path,
+    )
+
+
+def stop_if_not_finite(losses: dict, update: int) -> None:
+    """A loss that is NaN or infinite stops the run, naming the update and the loss."""
+    if not torch.isfinite(torch.stack(list(losses.values()))).all():
+        bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+        sys.exit(f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)")
 
 
 if __name__ == "__main__":
@@ -1021,53 +1066,17 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # --eval-only: load a saved model, evaluate it greedily and stop
     if args.eval_only is not None:
-        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
-            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
-        except Exception as error:
-            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
-        # the backend the model was trained on, unless one is given (observation sizes differ between backends)
-        backend = checkpoint["args"]["env_backend"] if args.env_backend == "auto" else args.env_backend
-        saved = Args(**{**checkpoint["args"], "env_backend": backend})
-        envs = make_envs(saved, resolve_backend(saved), env_seeds(args.seed, "eval", min(saved.num_envs, args.eval_episodes)))
-        actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
-        actor.load_state_dict(checkpoint["actor"])
-        returns, wins = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
-        envs.close()
-        print(
-            f"{args.eval_only}: {saved.map}, {len(returns)} greedy episodes, win rate {wins.mean():.3f}, "
-            f"return {returns.mean():.2f} +- {returns.std():.2f}"
-        )
-        sys.exit(0)
+        evaluate_saved_model(args, device)  # and exit
 
     # a resumed run keeps the backend it ran on, which auto might not pick again
     backend = resolve_backend(replace(args, env_backend=checkpoint["backend"]) if checkpoint else args)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
-    if args.track:
-        wandb = require("wandb", "pip install wandb", "--track")
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    writer = make_writer(args, run_name, run_dir, checkpoint)
     if not checkpoint:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-        )
-        writer.add_text(
-            "presets",
-            "|flag|value|from|\n|-|-|-|\n"
-            + "\n".join(f"|{name}|{value}|{source}|" for name, (value, source) in presets.items()),
-        )
+        table = "\n".join(f"|{name}|{value}|{source}|" for name, (value, source) in presets.items())
+        writer.add_text("presets", "|flag|value|from|\n|-|-|-|\n" + table)
     print(f"{args.map} ({backend}): " + ", ".join(f"{name} {value} ({source})" for name, (value, source) in presets.items()))
 
     # env setup: sizes come from the env (SMAC and SMAX observe differently); the mixer state is the global state
@@ -1078,7 +1087,7 @@ if __name__ == "__main__":
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, envs.state_dim
 
-    # networks and their three optimisers (SPEC section 2)
+    # networks and their three optimisers (App. D)
     actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
     critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
     # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
@@ -1088,28 +1097,17 @@ if __name__ == "__main__":
         agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
-    value_norm = ValueNorm().to(device)
-    # --q-norm: V's statistics, not those of Q_tot's own targets: these bootstrap on denormalised Q_tot', so while Q_tot'
-    # is wide they widened their own scale, which widened them further (Q_tot reached 1e5 to 1e8 on SMAX 2s3z)
-    q_norm = value_norm if args.q_norm else None
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    value_norm = ValueNorm().to(device)  # of V's targets; Q_tot learns in its units too (q_loss)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
-    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
-    diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
+    actor_optimizer, critic_optimizer, q_optimizer = (
+        torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+        for params in (actor.parameters(), critic.parameters(), q_params)
+    )
+    generators = {"diagnostics": torch.Generator(device=device).manual_seed(args.seed + 2)}  # keeps MAPPO's stream as is
     # what a checkpoint saves and --resume restores, besides generators, envs and the carried-over rollout slot
-    stateful = {
-        "actor": actor,
-        "critic": critic,
-        "agent_q": agent_q,
-        "mixer": mixer,
-        "target_agent_q": target_agent_q,
-        "target_mixer": target_mixer,
-        "value_norm": value_norm,
-        "actor_optimizer": actor_optimizer,
-        "critic_optimizer": critic_optimizer,
-        "q_optimizer": q_optimizer,
-    }
+    stateful = {"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer, "target_agent_q": target_agent_q}
+    stateful |= {"target_mixer": target_mixer, "value_norm": value_norm, "actor_optimizer": actor_optimizer}
+    stateful |= {"critic_optimizer": critic_optimizer, "q_optimizer": q_optimizer}
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
     obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
@@ -1117,9 +1115,7 @@ if __name__ == "__main__":
     avail_actions = torch.ones(T + 1, E, N, A, device=device)
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for agents dead at obs[t] (all alive at an episode start)
-    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
-    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
-    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
     actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
     logprobs = torch.zeros(T, E, N, device=device)
     rollout_logits = torch.zeros(T, E, N, A, device=device)
@@ -1143,22 +1139,11 @@ if __name__ == "__main__":
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, finished_wins = [], [], []  # emptied when logged, at the end of every update
     last_return, last_win_rate, eval_win_rate = float("nan"), float("nan"), float("nan")
-    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
     if checkpoint:  # --resume: everything as it was at the end of the checkpoint's update
         global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
-        last_return, last_win_rate, eval_win_rate = checkpoint["progress"]
-        if checkpoint["envs"] is None:
-            print("--resume: StarCraft II cannot be saved, so its episodes start afresh (SMAX's continue)")
-        else:
-            envs.load_state_dict(checkpoint["envs"])
-            if eval_envs is not None and checkpoint["eval_envs"] is not None:  # --eval-interval may have turned them on
-                eval_envs.load_state_dict(checkpoint["eval_envs"])
-            for name, buffer in carried.items():
-                buffer[0] = checkpoint["carried"][name]
-            episode_returns, episode_lengths = checkpoint["episode_returns"], checkpoint["episode_lengths"]
+        (last_return, last_win_rate, eval_win_rate), (episode_returns, episode_lengths) = restore_checkpoint(
+            checkpoint, stateful, generators, envs, eval_envs, carried, (episode_returns, episode_lengths)
+        )
     start_step, preemption = global_step, Preemption()
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
@@ -1218,56 +1203,33 @@ if __name__ == "__main__":
             greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
             target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
             target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
-            q_tot_target = raw_q(q_norm, target_mixer(target_agent_qs, state))  # [T+1, E], reward units
+            q_tot_target = value_norm.denormalize(target_mixer(target_agent_qs, state))  # [T+1, E], reward units
             q_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
             # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            probs = rollout_logits.softmax(-1)
             diagnostics = rollout_diagnostics(
-                raw_advantages,
-                active,
-                q_values_online,
-                actions,
-                rollout_logits.softmax(-1),
-                avail_actions[:T],
-                state[:T],
-                mixer,
-                q_norm,
-                diagnostics_rng,
-                None,
-            )
+                raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
+                generators["diagnostics"], None
+            )  # fmt: skip
 
-        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
-        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
-        def to_chunks(x, pad_value=0.0):
-            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
-            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
-
+        # CHUNKS (Algorithm 1, line 12): the rollout in chunks of --chunk-len steps of all agents of one env, which start
+        # from the hidden states stored in the rollout (line 20). Padding has valid = 0; masks are padded with 1 so that
+        # the GRU stays fused.
+        rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
+        rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
+        rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
         batch = {
-            name: to_chunks(x, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
-            for name, x in {
-                "obs": obs[:T],
-                "state": state[:T],
-                "avail_actions": avail_actions[:T],
-                "masks": masks[:T],
-                "active_masks": active,
-                "actions": actions,
-                "logprobs": logprobs,
-                "advantages": advantages,
-                "returns": returns,
-                "values": values[:T],
-                "q_returns": q_returns,
-                "valid": torch.ones(T, E, device=device),
-            }.items()
+            name: to_chunks(x, args.chunk_len, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
+            for name, x in rollout.items()
         }
-        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
-        start_hidden = {
-            name: h[chunk_starts].flatten(0, 1)
-            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
-        }
+        hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
+        start_hidden = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk
 
-        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
-        n_chunks = n_windows * E
+        # OPTIMIZE (Algorithm 1, line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own
+        # Adam, per minibatch of chunks
+        n_chunks = -(-T // args.chunk_len) * E
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
             for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
@@ -1278,59 +1240,44 @@ if __name__ == "__main__":
                 q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
                 new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
-                loss, parts = actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args)
+                loss, parts = actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args)
                 first_minibatch = not stats
                 if first_minibatch and nu > 0:
                     actor_params = list(actor.parameters())
                     dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
                 if first_minibatch and args.log_grad_var:
-                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args)
-                valid = mb["valid"].bool()
-                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args)
+                value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
                 # MAPPO's SMAC scripts pass --use_value_active_masks, which turns value active masking OFF: dead
                 # agents' values are still regressed (onto the team's returns). Kept here; the policy loss is masked.
                 weights = mb["valid"].unsqueeze(-1).expand(-1, -1, N)
-                v_loss = value_loss(
-                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
-                )
+                normalized_returns = value_norm.normalize(mb["returns"])
+                v_loss = value_loss(new_values, mb["values"], normalized_returns, weights, args.clip_coef, args.huber_delta)
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
-                q_targets = mb["q_returns"]
-                if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
-                    q_targets = q_norm.normalize(q_targets)
-                q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
-
-                losses = {
-                    "policy_loss": parts["policy_loss"],
-                    "dpg_loss": parts["dpg_loss"],
-                    "value_loss": v_loss,
-                    "q_loss": q_loss,
-                }
-                if not torch.isfinite(torch.stack(list(losses.values()))).all():
-                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
-                    sys.exit(
-                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
-                    )
+                tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
+                losses = {"policy_loss": parts["policy_loss"], "dpg_loss": parts["dpg_loss"]}
+                stop_if_not_finite({**losses, "value_loss": v_loss, "q_loss": tot_loss}, update)
 
                 for optimizer, module_loss, params in [
                     (actor_optimizer, loss, actor.parameters()),
                     (critic_optimizer, v_loss, critic.parameters()),
-                    (q_optimizer, q_loss, q_params),
+                    (q_optimizer, tot_loss, q_params),
                 ]:
                     optimizer.zero_grad()
                     module_loss.backward()
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
-                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (Algorithm 1, line 25)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss}.items():
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": tot_loss}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
         for buffer in carried.values():
             buffer[0] = buffer[T]
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         writer.add_scalar("charts/SPS", sps, global_step)
@@ -1368,27 +1315,10 @@ if __name__ == "__main__":
 
         # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
-            save_atomically(
-                {
-                    "script": os.path.basename(__file__),
-                    "args": asdict(args),
-                    "backend": backend,
-                    "presets": presets,
-                    "run_name": run_name,
-                    "update": update,
-                    "global_step": global_step,
-                    **{name: module.state_dict() for name, module in stateful.items()},
-                    "rng": rng_states({"diagnostics": diagnostics_rng}),
-                    "progress": (last_return, last_win_rate, eval_win_rate),  # the latest values the progress line shows
-                    # StarCraft II cannot be saved: None, and a resumed run starts its episodes afresh
-                    "envs": envs.state_dict() if isinstance(envs, SmaxEnvs) else None,
-                    "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, SmaxEnvs) else None,
-                    "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
-                    "episode_returns": episode_returns,
-                    "episode_lengths": episode_lengths,
-                },
-                checkpoint_path,
-            )
+            run = {"backend": backend, "presets": presets, "run_name": run_name, "update": update, "global_step": global_step}
+            run |= {"progress": (last_return, last_win_rate, eval_win_rate)}
+            run |= {"episode_returns": episode_returns, "episode_lengths": episode_lengths}
+            save_checkpoint(checkpoint_path, args, run, stateful, generators, envs, eval_envs, carried)
             if preemption.signal_name:
                 print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
                 break
@@ -1401,7 +1331,7 @@ if __name__ == "__main__":
         )
         if args.save_model:  # the backend it ran on, for --eval-only
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            model = {name: stateful[name].state_dict() for name in MODEL_PARTS if name in stateful}
+            model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
             save_atomically({"args": {**asdict(args), "env_backend": backend}, **model}, model_path)
             print(f"model saved to {model_path}")
     envs.close()

@@ -160,11 +160,11 @@ def test_learning_rate_zero_gives_exactly_zero_kl_and_clipfrac(smax_dir):
         assert [scalar.value for scalar in events.Scalars(tag)] == [0.0] * 3, tag
 
 
-def test_q_norm_keeps_q_tot_at_the_scale_of_the_returns_on_2s3z(smax_dir):
-    """--q-norm once normalised Q_tot's TD(lambda) targets by their own running statistics. The targets bootstrap on
-    Q_tot' denormalised by those statistics, so while the untrained mixer's outputs were wide the scale fed on itself:
-    here charts/q_tot_mean reached 236 by update 8 and 9,872 by update 12. With V's statistics it stays at the scale of
-    the returns (below 6 here; a 2s3z episode returns about 20 at most)."""
+def test_value_norm_keeps_q_tot_at_the_scale_of_the_returns_on_2s3z(smax_dir):
+    """Q_tot learns its TD(lambda) targets in ValueNorm's units (V's statistics). Statistics of its own targets would
+    feed on themselves, as the targets bootstrap on Q_tot' denormalised by them: here charts/q_tot_mean would reach 236 by
+    update 8 and 9,872 by update 12. With V's statistics it stays at the scale of the returns (below 6 here; a 2s3z
+    episode returns about 20 at most)."""
     flags = ["--map", "2s3z", "--nu", "0", "--num-envs", "4", "--num-steps", "100", "--total-timesteps", "4800"]
     run([*flags, "--eval-interval", "0", "--exp-name", "qnorm"], smax_dir)
     (run_dir,) = glob.glob(os.path.join(smax_dir, "runs", "2s3z__qnorm__*"))
@@ -188,6 +188,37 @@ def test_smax_smoke_3m_save_model_then_eval_only(smax_dir):
     assert not glob.glob(os.path.join(smax_dir, "runs", "*", "*.tmp"))
     result = run(["--eval-only", path, "--eval-episodes", "5"], smax_dir)
     assert "3m, 5 greedy episodes, win rate" in result.stdout
+
+
+def saved_model(cwd, map_name, exp_name):
+    """The model a run of `exp_name` saved (--save-model); its run folder is removed, as other tests count 3m runs."""
+    (path,) = glob.glob(os.path.join(cwd, "runs", f"{map_name}__{exp_name}__*", f"{exp_name}.pt"))
+    model = torch.load(path, weights_only=True)
+    shutil.rmtree(os.path.dirname(path))
+    return model
+
+
+def test_nu_zero_is_mappo(smax_dir):
+    """With nu = 0 the actor and V must not depend on the Q branch at all: two runs from the same seed whose Q branches
+    differ completely (mixer, TD(lambda), target rate, and every flag of L_dpg) end with identical actor and V
+    parameters, so they also saw the same rollouts, agents dying on 3m. The control: with nu > 0 from the first update
+    the same change does move the actor, so the comparison can fail."""
+    common = ["--map", "3m", "--env-backend", "smax", "--save-model", "--eval-interval", "0", *TINY]
+    q_branch = ["--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5", "--dpg-scale", "advantage"]
+    runs = {}
+    for name, extra in {
+        "nu0_qmix": ["--nu", "0"],
+        "nu0_vdn": ["--nu", "0", *q_branch, "--nu-warmup", "40"],
+        "nu_qmix": ["--nu", "0.5", "--nu-warmup", "0"],
+        "nu_vdn": ["--nu", "0.5", "--nu-warmup", "0", *q_branch],
+    }.items():
+        run([*common, *extra, "--exp-name", name], smax_dir)
+        runs[name] = saved_model(smax_dir, "3m", name)
+    for net in ("actor", "critic"):
+        for key, value in runs["nu0_qmix"][net].items():
+            assert torch.equal(value, runs["nu0_vdn"][net][key]), f"nu = 0: {net}.{key} depends on the Q branch"
+    assert not torch.equal(runs["nu0_qmix"]["agent_q"]["head.weight"], runs["nu0_vdn"]["agent_q"]["head.weight"])
+    assert not torch.equal(runs["nu_qmix"]["actor"]["head.weight"], runs["nu_vdn"]["actor"]["head.weight"])
 
 
 def test_smax_masking_holds_over_many_steps(smax_dir):
@@ -388,7 +419,7 @@ def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
     stale = torch.load(checkpoint, weights_only=False)  # as an older version of the script wrote it
-    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "nu"}, "q_norm": True}
     torch.save(stale, tmp_path / "stale.pt")
     before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
     result = run(["--resume", checkpoint, "--map", "2s3z"], str(tmp_path), check=False, **fake_game)
@@ -400,7 +431,7 @@ def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
         ("no/such/run", "--resume: no such checkpoint 'no/such/run'"),
         ("truncated.pt", "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         ("foreign.pt", "--resume: 'foreign.pt' is not a checkpoint of maipg_smac.py"),
-        ("stale.pt", "--resume: 'stale.pt' was written by another version of maipg_smac.py (flags that differ: gone, q_norm)"),
+        ("stale.pt", "--resume: 'stale.pt' was written by another version of maipg_smac.py (flags that differ: nu, q_norm)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             maipg_smac.load_checkpoint(path, "maipg_smac.py")
