@@ -1,18 +1,15 @@
 """MAIPG on Google Research Football academy scenarios (the real gfootball engine).
 
-Multi-Agent Interpolated Policy Gradients ("MAIPG", see the paper's eq. (10) and Algorithm 1) is MAPPO plus one
+Multi-Agent Interpolated Policy Gradients (MAIPG, the paper's eq. (10) and Algorithm 1) is MAPPO plus one
 deterministic, low-variance term: the actor minimises
 
     (1 - nu) * L_clip  +  nu * L_dpg  -  c_ent * H,      L_dpg = -Q_tot(s, mu(o)) / N,
 
-where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N: eq. (10)
-weighs the two terms (1 - nu) : nu per agent), Q_tot is a factorized Q-function (per-agent Q_i mixed by QMIX or VDN)
-learned with TD(lambda), and mu is the reparameterised deterministic policy (a straight-through Gumbel-Softmax
-sample). nu trades bias for variance: nu = 0 is exactly MAPPO, larger nu leans on the learned Q_tot.
-
-The agents control the left team's players (3 in 3-vs-1, 4 in the counterattacks, 10 in the corner, 2 in
-run-pass-and-shoot), see `simple115v2` observations and share one dense reward (scoring + checkpoints, summed over the
-agents, App. D). Success = the left team scored. gfootball is compiled from source: `bash scripts/install_grf.sh`.
+where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N), Q_tot a
+factorized Q-function (per-agent Q_i mixed by QMIX or VDN) learned with TD(lambda), and mu the reparameterised
+deterministic policy (a straight-through Gumbel-Softmax sample). nu = 0 is exactly MAPPO; larger nu leans on Q_tot.
+The agents control the left team's players and share one dense reward (scoring + checkpoints, App. D); success: the
+left team scored. gfootball is compiled from source: `bash scripts/install_grf.sh`.
 
     python maipg_grf.py --scenario academy_3_vs_1_with_keeper           # the paper's GRF setting (App. D)
     python maipg_grf.py --scenario academy_corner --nu 0 --seed 2       # MAPPO on the same code
@@ -51,8 +48,7 @@ class Args:
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
     torch_threads: int = 1
-    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per
-    machine; more helps one run with idle cores to spare"""
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits small networks and several runs per machine"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -60,16 +56,14 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of the wandb project"""
     capture_video: bool = False
-    """if toggled, one greedy episode per evaluation is rendered off-screen to a GIF under videos/ (needs OpenGL;
-    about 6 frames/s with software rendering)"""
+    """if toggled, one greedy episode per evaluation is rendered to a GIF under videos/ (needs OpenGL)"""
     save_model: bool = False
     """if toggled, the trained model is saved to runs/{run_name}/{exp_name}.pt"""
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
     checkpoint_interval: int = 15
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (15 updates: about 10
-    minutes at the default settings, at the README's 257 env steps/s on academy_3_vs_1_with_keeper; 0: never), and after
-    the update in which SIGTERM or SIGINT came"""
+    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (about 10 minutes at the
+    defaults; 0: never), and after the update in which SIGTERM or SIGINT came"""
     resume: str | None = None
     """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
     episodes start afresh: gfootball's engines cannot be saved); only --total-timesteps, --eval-interval,
@@ -81,14 +75,12 @@ class Args:
     """the GRF academy scenario (the paper's five: academy_3_vs_1_with_keeper, academy_counterattack_easy,
     academy_counterattack_hard, academy_corner, academy_run_pass_and_shoot_with_keeper)"""
     total_timesteps: int = 25_000_000
-    """total env steps of training (one step of one env counts once, whatever the number of agents); MAPPO trains
-    25M on 3-vs-1 and 50M on counterattack_hard and corner"""
+    """total env steps of training (one step of one env counts once); MAPPO trains 25M on 3-vs-1, 50M on the hard ones"""
     num_envs: int = 50
     """the number of parallel envs ("rollout threads", App. D: 50)"""
     num_steps: int = 200
-    """the rollout length per env between two updates, not the episode length (App. D's "episode length 400" is the
-    scenarios' own limit: episodes end by the scenario and continue across rollouts, never cut). 200 is MAPPO's GRF
-    setting: twice the updates of 400 for the same env steps"""
+    """the rollout length per env between two updates (MAPPO's GRF setting), not the episode length: App. D's 400 is
+    the scenarios' own limit, and episodes continue across rollouts"""
     num_workers: int = len(os.sched_getaffinity(0))
     """the number of env processes, each stepping num_envs / num_workers envs on one core; defaults to the cores here"""
     eval_interval: int = 40
@@ -96,29 +88,20 @@ class Args:
     eval_episodes: int = 100
     """the number of greedy evaluation episodes (success rate over 100 episodes, as in the paper)"""
     env_timeout: float = 300.0
-    """seconds to wait for an env process's answer (the first includes starting its engines) before the run stops
-    with one line naming it: a hung engine is reported, not waited on forever"""
+    """seconds to wait for an env process's answer (the first includes starting its engines): a hung engine stops the
+    run with one line naming it"""
 
     # Algorithm (MAPPO's values and the paper's App. D)
     nu: float = 0.5
     """the interpolation weight of eq. (10) in [0, 1]: 0 is MAPPO, 1 is the factorized deterministic gradient only"""
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
-    mu: str = "gumbel"
-    """the deterministic policy mu of L_dpg: gumbel (section 3.2's straight-through hard sample) or probs (the softmax
-    probabilities, E_xi[f(s, xi)] of Proposition 2: the expected, all-action gradient, without sampling noise)"""
     dpg_scale: str = "raw"
-    """raw: L_dpg in reward units against normalised advantages (App. D, which compensates with a small nu); advantage:
-    L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
-    q_norm: bool = True
-    """if toggled, Q_tot learns its TD(lambda) targets normalised by the value normaliser's statistics (V's returns have
-    Q_tot's scale), so the QMIX mixer works at unit scale and cannot saturate; raw Q_tot wherever reward units are meant"""
-    dpg_clip: bool = False
-    """if toggled, L_dpg counts only for agent-steps whose PPO ratio is inside [1 - clip, 1 + clip], so it cannot move
-    pi further from the behaviour policy than L_clip may"""
+    """raw: L_dpg in reward units against normalised advantages (App. D, with a small nu); advantage: L_dpg divided by
+    the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts (the study's winner A6, README); 0: no warm-up"""
+    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -148,8 +131,7 @@ class Args:
     recurrent: bool = True
     """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
     log_grad_var: bool = False
-    """if toggled, log diagnostics/grad_var once per update: the spread of the actor gradient over 8 disjoint
-    sub-batches (8 extra backward passes on one minibatch, roughly +10% update time)"""
+    """if toggled, log diagnostics/grad_var: the spread of the actor gradient over 8 sub-batches (+10% update time)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -158,347 +140,8 @@ class Args:
     """the number of updates (total_timesteps // batch_size)"""
 
 
-def fail(message: str) -> None:
-    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args: Args) -> None:
-    if args.scenario not in ACADEMY_SCENARIOS:
-        fail(f"--scenario must be one of {', '.join(ACADEMY_SCENARIOS)}, got {args.scenario!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.mu not in ("gumbel", "probs"):
-        fail(f"--mu must be gumbel or probs, got {args.mu!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag, value in [
-        ("--num-envs", args.num_envs),
-        ("--num-steps", args.num_steps),
-        ("--num-workers", args.num_workers),
-        ("--update-epochs", args.update_epochs),
-        ("--chunk-len", args.chunk_len),
-        ("--torch-threads", args.torch_threads),
-    ]:
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if args.eval_episodes < 1:
-        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if not args.env_timeout > 0:
-        fail(f"--env-timeout must be > 0 seconds, got {args.env_timeout}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
-
-
-def require(module: str, install: str, flag: str):
-    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        fail(f"{flag} needs {module}: {install}")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Long runs: checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
-# ---------------------------------------------------------------------------------------------------------------------
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-# num_workers and env_timeout are operational: each env's engine seeds do not depend on the env process it runs in
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
-RESUME_FLAGS += ("num_workers", "env_timeout")
-
-
-def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
-    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
-    missing, unreadable (truncated) or not this script's."""
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        fail(f"--resume: no such checkpoint {path!r}")
-    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
-        fail(f"--resume: {path!r} is not a checkpoint of {script}")
-    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
-    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
-        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
-    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
-
-
-def resume_args(args: Args, checkpoint: dict) -> Args:
-    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
-    saved = checkpoint["args"]
-    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
-    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
-    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
-        if getattr(args, name) != saved[name]:
-            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
-            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
-    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
-
-
-def rng_states(generators: dict) -> dict:
-    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
-    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
-
-
-def set_rng_states(states: dict, generators: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
-        if states[name].numel() == generator.get_state().numel():
-            generator.set_state(states[name])
-
-
-def save_atomically(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-class Preemption:
-    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
-    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
-    directly and through the batch shell."""
-
-    def __init__(self):
-        self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Environment: gfootball academy scenarios, stepped in worker processes (the engine is single-threaded C++).
-# ---------------------------------------------------------------------------------------------------------------------
-# scenario (gfootball/scenarios/academy_*.py) -> the number of left-team players the agents control. The paper's five
-# take MAPPO's counts (3, 4, 4, 10, 2): the counterattacks field 10 outfield players, of which the agents steer 4 (the
-# engine hands its controllers to players as the play moves). The others: every outfield player. The goalkeeper is
-# always left to the built-in AI.
-ACADEMY_SCENARIOS = {
-    "academy_3_vs_1_with_keeper": 3,
-    "academy_counterattack_easy": 4,
-    "academy_counterattack_hard": 4,
-    "academy_corner": 10,
-    "academy_run_pass_and_shoot_with_keeper": 2,
-    "academy_pass_and_shoot_with_keeper": 2,
-    "academy_empty_goal_close": 1,
-    "academy_empty_goal": 1,
-    "academy_run_to_score": 1,
-    "academy_run_to_score_with_keeper": 1,
-    "academy_single_goal_versus_lazy": 10,
-}
-GRF_OBS_DIM, GRF_N_ACTIONS = 115, 19  # simple115v2 features; gfootball's default action set
-INSTALL_GRF = "run `bash scripts/install_grf.sh` (it compiles gfootball 2.10.2 and its engine, about 5 minutes)"
-RENDER_RESOLUTION = (480, 270)  # video frames; the engine's 1280 x 720 renders at under 2 frames/s without a GPU
-
-
-def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
-    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
-    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
-    stream (issue 14: with seed + i, --seed 1 and --seed 2 shared all envs but one)."""
-    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
-    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
-
-
-def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
-    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
-    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
-    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
-    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
-    if update is None:
-        return seeds
-    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
-
-
-def make_football_env(scenario: str, seed: int):
-    """One gfootball env as the paper uses it: simple115v2 observations, dense rewards (scoring + checkpoints)."""
-    import gfootball.env as football_env
-
-    return football_env.create_environment(
-        env_name=scenario,
-        representation="simple115v2",
-        rewards="scoring,checkpoints",
-        number_of_left_players_agent_controls=ACADEMY_SCENARIOS[scenario],
-        other_config_options={
-            "game_engine_random_seed": seed,
-            "render_resolution_x": RENDER_RESOLUTION[0],
-            "render_resolution_y": RENDER_RESOLUTION[1],
-        },
-    )
-
-
-def reset_football_env(env, rng: np.random.Generator, num_agents: int) -> np.ndarray:
-    """Starts a new episode with its own engine seed -> obs [N, 115]. gfootball re-seeds its engine with the config's
-    game_engine_random_seed at every reset, so one fixed seed would replay the same episode for the same actions
-    (a greedy evaluation would see one episode 100 times): each episode draws its seed from the env's generator."""
-    env.unwrapped._config["game_engine_random_seed"] = int(rng.integers(2**31))
-    return np.reshape(env.reset(), (num_agents, GRF_OBS_DIM))
-
-
-def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
-    """The body of one env process: holds one env per seed and answers FootballEnvs' commands over pipe."""
-    main_pipe.close()  # the main process's end (copied by fork): once that process is gone, pipe.recv() raises EOFError
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process; its exit then stops this one
-    num_agents = ACADEMY_SCENARIOS[scenario]
-    envs = [make_football_env(scenario, seed) for seed in seeds]
-    rngs = [np.random.default_rng(seed) for seed in seeds]  # per-episode engine seeds, independent of --num-workers
-    scores = np.zeros(len(envs), dtype=np.float32)  # the running episode's sum of score_reward (+1 goal, -1 conceded)
-    try:
-        while True:
-            command, data = pipe.recv()
-            if command == "reset":
-                scores[:] = 0.0
-                pipe.send(np.stack([reset_football_env(env, rng, num_agents) for env, rng in zip(envs, rngs, strict=True)]))
-            elif command == "step":
-                obs = np.zeros((len(envs), num_agents, GRF_OBS_DIM), dtype=np.float32)
-                rewards = np.zeros((len(envs), num_agents), dtype=np.float32)
-                dones, ended_scores = np.zeros(len(envs), dtype=bool), np.zeros(len(envs), dtype=np.float32)
-                for i, env in enumerate(envs):
-                    env_obs, rewards[i], dones[i], info = env.step(data[i])
-                    scores[i] += info["score_reward"]
-                    if dones[i]:  # the scenario ended it: report its score and start the next episode at once
-                        ended_scores[i], scores[i] = scores[i], 0.0
-                        env_obs = reset_football_env(env, rngs[i], num_agents)
-                    obs[i] = np.reshape(env_obs, (num_agents, GRF_OBS_DIM))
-                pipe.send((obs, rewards, dones, ended_scores))
-            elif command == "render":
-                try:
-                    pipe.send(envs[0].render(mode="rgb_array"))
-                except Exception as error:  # no OpenGL here: say so instead of dying
-                    pipe.send(RuntimeError(f"gfootball could not render: {error!r}"))
-            elif command == "close":
-                break
-    except EOFError:  # the main process ended without closing the envs
-        pass
-    finally:
-        for env in envs:
-            env.close()  # otherwise gfootball prints an AttributeError from __del__ at exit
-        pipe.close()
-
-
-class EnvProcessError(SystemExit):
-    """An env process died or stopped answering. A SystemExit, so that it ends the run with its one line and no
-    traceback (the event file is still closed, at exit); record_video catches it: rendering without OpenGL can crash."""
-
-
-class FootballEnvs:
-    """One gfootball env per seed (see env_seeds), all of one scenario, split over num_workers processes that step
-    their envs in parallel.
-
-    Env i draws the engine seed of each of its episodes from np.random.default_rng(seeds[i]), so runs are reproducible
-    whatever --num-workers is. An env whose episode ends (by the scenario: a goal, the ball out of play or lost, or 400
-    steps) is reset inside `step`: its returned obs is the first obs of its next episode. A worker that dies, or does
-    not answer within timeout seconds, stops all the workers and raises EnvProcessError naming it and the scenario.
-    """
-
-    def __init__(self, scenario: str, seeds: list[int], num_workers: int, timeout: float):
-        self.scenario, self.timeout = scenario, timeout
-        self.num_envs, self.num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
-        self.obs_dim, self.n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
-        # fork: the workers inherit the imported engine (started before any torch work, so no thread pool is copied)
-        context = multiprocessing.get_context("fork")
-        self.env_ids = np.array_split(np.arange(self.num_envs), min(num_workers, self.num_envs))
-        self.pipes, self.processes = [], []
-        for ids in self.env_ids:
-            pipe, worker_pipe = context.Pipe()
-            # daemon: multiprocessing terminates the workers when the main process exits, however it exits
-            process = context.Process(
-                target=football_worker, args=(worker_pipe, pipe, scenario, [seeds[i] for i in ids]), daemon=True
-            )
-            process.start()
-            worker_pipe.close()
-            self.pipes.append(pipe)
-            self.processes.append(process)
-
-    def send(self, worker: int, command: str, data=None):
-        try:
-            self.pipes[worker].send((command, data))
-        except OSError:  # BrokenPipeError, ConnectionResetError: the process has ended
-            self.fail(worker, "died")
-
-    def receive(self, worker: int):
-        """The worker's answer to the last command, waiting at most timeout seconds for it."""
-        try:
-            if self.pipes[worker].poll(self.timeout):
-                return self.pipes[worker].recv()
-        except (EOFError, OSError):  # the process has ended
-            self.fail(worker, "died")
-        self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
-
-    def fail(self, worker: int, problem: str):
-        """Terminates every worker (the envs are out of step now) and raises EnvProcessError naming this one."""
-        for process in self.processes:
-            process.terminate()  # nothing for a process that has ended
-        for process in self.processes:
-            process.join(timeout=10)
-        if problem == "died":
-            code = self.processes[worker].exitcode  # -n: killed by signal n (SIGSEGV: the engine crashed)
-            problem += f" ({signal.Signals(-code).name})" if code is not None and code < 0 else f" (exit code {code})"
-        ids = self.env_ids[worker]
-        raise EnvProcessError(f"{self.scenario}: env process {worker} (envs {ids[0]}-{ids[-1]}) {problem}")
-
-    def reset(self) -> np.ndarray:
-        """-> obs [E, N, 115]"""
-        for worker in range(len(self.pipes)):
-            self.send(worker, "reset")
-        return np.concatenate([self.receive(worker) for worker in range(len(self.pipes))])
-
-    def step(self, actions: np.ndarray) -> tuple:
-        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of the episode
-        that ended at this step: +1 the left team scored, -1 it conceded; 0 where none ended)."""
-        for worker, ids in enumerate(self.env_ids):
-            self.send(worker, "step", actions[ids])
-        results = [self.receive(worker) for worker in range(len(self.pipes))]
-        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
-
-    def render(self) -> np.ndarray:
-        """-> the current frame of env 0 [270, 480, 3] uint8"""
-        self.send(0, "render")
-        frame = self.receive(0)
-        if isinstance(frame, Exception):
-            raise frame
-        return frame
-
-    def close(self):
-        """Each worker closes its engines; one that has died is skipped, one that hangs is terminated after 10 s."""
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):  # a broken pipe: that worker has ended
-                pipe.send(("close", None))
-        for process in self.processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Networks (MAPPO's, SPEC section 2)
+# Networks (MAPPO's: actor pi_theta, critic V_phi, agent Q-networks Q_psi_i, the mixer, ValueNorm)
 # ---------------------------------------------------------------------------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -651,7 +294,7 @@ class ValueNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The algorithm's pure functions
+# The algorithm's pure functions (Algorithm 1; the actor loss of eq. (10) and the Q loss)
 # ---------------------------------------------------------------------------------------------------------------------
 def weighted_mean(x, weights):
     """Mean of x over the entries where weights (0/1) is 1; 0 if there are none."""
@@ -677,7 +320,7 @@ def gae(rewards, values, masks, gamma, gae_lambda):
 
 
 def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
-    """Gated TD(lambda) on a rollout segment in which episodes may restart (SPEC section 5):
+    """Gated TD(lambda) targets of Q_tot (Algorithm 1, line 11) on a rollout segment in which episodes may restart:
         G_t = r_t + gamma * m_{t+1} * [lambda * G_{t+1} + (1 - lambda) * Qhat'_{t+1}],   G_T = Qhat'_T.
     rewards [T, E], q_tot_target [T+1, E] (target Q_tot; slot T at mu(o_T)), masks [T+1, E] -> targets [T, E]."""
     targets = torch.zeros_like(rewards)
@@ -686,6 +329,21 @@ def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
         next_return = rewards[t] + gamma * masks[t + 1] * (td_lambda * next_return + (1 - td_lambda) * q_tot_target[t + 1])
         targets[t] = next_return
     return targets
+
+
+def normalize_advantages(raw_advantages, weights):
+    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
+    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
+    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
+
+
+def to_chunks(x, chunk_len, pad_value=0.0):
+    """Algorithm 1, line 12: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every
+    agent's mu at the same t), W = ceil(T / chunk_len); the last window is padded with pad_value."""
+    T, n_windows = x.shape[0], -(-x.shape[0] // chunk_len)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * chunk_len - T), value=pad_value)
+    return padded.reshape(n_windows, chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
 
 
 def gumbel_straight_through(logits, tau=1.0):
@@ -718,27 +376,40 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def dpg_loss(mu, q_values, state, mixer, weights, q_norm):
+def dpg_loss(mu, q_values, state, mixer, weights, value_norm):
     """L_dpg = -Q_tot(s, mu(o)) / N in reward units (eq. (10), second term: divided by the number of agents N, as
     L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)). mu [*batch, N, A]
-    (one-hot or probabilities), q_values [*batch, N, A], state [*batch, S], weights [*batch]; q_norm: Q_tot's
-    normaliser or None. Q-values and mixer weights enter as constants, so the gradient reaches only the actor, via mu."""
+    (one-hot), q_values [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as
+    constants, so the gradient reaches only the actor, via mu."""
     agent_qs = (mu * q_values.detach()).sum(-1)
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
-    q_tot = raw_q(q_norm, torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
+    q_tot = value_norm.denormalize(torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
     return -weighted_mean(q_tot, weights) / mu.shape[-2]
 
 
-def raw_q(q_norm, q_tot):
-    """Q_tot in reward units: denormalised with --q-norm (q_norm a ValueNorm), as it is without (q_norm None)."""
-    return q_tot if q_norm is None else q_norm.denormalize(q_tot)
+def actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args):
+    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
+    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
+    rollout tensors. -> (loss, dict of its parts)"""
+    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
+    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
+    logprobs = dist.log_prob(mb["actions"])
+    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
+    entropy = weighted_mean(dist.entropy(), weights)
+    dpg = torch.zeros(())
+    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
+        mu = gumbel_straight_through(logits)  # [L, B, N, A], section 3.2's reparameterised mu
+        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], value_norm) / dpg_scale
+    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
+    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
-def normalize_advantages(raw_advantages, weights):
-    """MAPPO's once-per-rollout normalisation over the active entries. -> (advantages, std), std being the raw
-    advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
-    std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
-    return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
+def q_loss(q_tot, q_returns, weights, value_norm):
+    """The Q half of Algorithm 1 (line 23): Q_tot(s, a) [*batch] regresses on its TD(lambda) targets q_returns [*batch]
+    (reward units), an MSE over the weighted entries. Q_tot learns the targets in ValueNorm's units, V's statistics: V's
+    returns have Q_tot's scale, so the QMIX mixer works at unit scale and cannot saturate. (Statistics of Q_tot's own
+    targets would not do: those bootstrap on the denormalised Q_tot', so a wide Q_tot' widens its own scale.)"""
+    return weighted_mean((q_tot - value_norm.normalize(q_returns)) ** 2, weights)
 
 
 def nu_at(global_step, nu, warmup_steps):
@@ -753,99 +424,10 @@ def soft_update(target, source, tau):
             target_param.lerp_(param, tau)
 
 
-def rvar(advantages, control_variate, weights):
-    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
-    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
-
-
-def grad_variance(grads):
-    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
-    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
-
-
-def actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
-    L_dpg divided by dpg_scale (1, or the advantages' std). logits and q_values [L, B, N, A]; mb holds the chunked
-    rollout tensors. -> (loss, dict of its parts)"""
-    dist = Categorical(logits=logits, validate_args=False)  # NaN logits reach the loss check, which names the loss
-    weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
-    logprobs = dist.log_prob(mb["actions"])
-    pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
-    entropy = weighted_mean(dist.entropy(), weights)
-    dpg = torch.zeros(())
-    if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
-        mu = gumbel_straight_through(logits) if args.mu == "gumbel" else dist.probs  # [L, B, N, A]
-        if args.dpg_clip:  # where PPO's ratio left [1 - clip, 1 + clip], mu enters as a constant: no DPG gradient
-            inside = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef  # [L, B, N]
-            mu = torch.where(inside.unsqueeze(-1), mu, mu.detach())
-        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], q_norm) / dpg_scale
-    loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
-    return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
-
-
-def grad_norm_ratio(numerator, denominator, params):
-    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
-    norms = [
-        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
-        for loss in (numerator, denominator)
-    ]
-    return norms[0] / norms[1].clamp(min=1e-12)
-
-
-def rollout_diagnostics(
-    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, q_norm, rng, joint_q, k=8
-):
-    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
-    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
-    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
-    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
-    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
-    of the rollout's real steps (no padding)."""
-    T, E, N, A = q_values.shape
-    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
-    with torch.enable_grad():
-        q_tot_taken = mixer(q_taken, state)  # [T, E]
-        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
-    q_tot_taken = raw_q(q_norm, q_tot_taken.detach())
-    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
-    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-    control_variate = q_tot_taken - raw_q(q_norm, mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
-    unavailable = avail_actions == 0
-    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
-    q_scale = 1.0 if q_norm is None else q_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
-    active = weights.bool()
-    stats = {
-        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
-        "mixer_slope": slope[active].median(),
-        "q_gap": (q_scale * slope * q_range)[active].median(),
-        "q_tot_mean": q_tot_taken.mean(),
-    }
-    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
-        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
-        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
-    return stats
-
-
-def actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
-    n_chunks = mb["valid"].shape[1]
-    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
-    grads = []
-    for g in range(min(k, n_chunks)):
-        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, q_norm, nu, dpg_scale, args)
-        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
-    return grad_variance(torch.stack(grads))
-
-
-def one_hot_ids(num_agents, batch_shape, device):
-    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
-    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
-
-
 def actor_input(obs):
-    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
-    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+    """obs [*batch, N, D] -> the agent's observation ++ its id (one-hot) [*batch, N, D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([obs, torch.eye(num_agents, device=obs.device).expand(*obs.shape[:-2], num_agents, num_agents)], -1)
 
 
 def critic_input(obs, state):
@@ -853,6 +435,193 @@ def critic_input(obs, state):
     -> [*batch, N, S + D + N]"""
     num_agents = obs.shape[-2]
     return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment: gfootball academy scenarios, stepped in worker processes (the engine is single-threaded C++)
+# ---------------------------------------------------------------------------------------------------------------------
+# scenario (gfootball/scenarios/academy_*.py) -> the number of left-team players the agents control: MAPPO's counts for
+# the paper's five (the counterattacks field 10 outfield players, of which the agents steer 4: the engine hands its
+# controllers to players as the play moves), every outfield player for the others. The goalkeeper is the built-in AI's.
+ACADEMY_SCENARIOS = {
+    "academy_3_vs_1_with_keeper": 3,
+    "academy_counterattack_easy": 4,
+    "academy_counterattack_hard": 4,
+    "academy_corner": 10,
+    "academy_run_pass_and_shoot_with_keeper": 2,
+    "academy_pass_and_shoot_with_keeper": 2,
+    "academy_empty_goal_close": 1,
+    "academy_empty_goal": 1,
+    "academy_run_to_score": 1,
+    "academy_run_to_score_with_keeper": 1,
+    "academy_single_goal_versus_lazy": 10,
+}
+GRF_OBS_DIM, GRF_N_ACTIONS = 115, 19  # simple115v2 features; gfootball's default action set
+INSTALL_GRF = "run `bash scripts/install_grf.sh` (it compiles gfootball 2.10.2 and its engine, about 5 minutes)"
+RENDER_RESOLUTION = (480, 270)  # video frames; the engine's 1280 x 720 renders at under 2 frames/s without a GPU
+
+
+def make_football_env(scenario: str, seed: int):
+    """One gfootball env as the paper uses it: simple115v2 observations, dense rewards (scoring + checkpoints)."""
+    import gfootball.env as football_env
+
+    width, height = RENDER_RESOLUTION
+    config = {"game_engine_random_seed": seed, "render_resolution_x": width, "render_resolution_y": height}
+    n_players = ACADEMY_SCENARIOS[scenario]
+    return football_env.create_environment(
+        env_name=scenario, representation="simple115v2", rewards="scoring,checkpoints",
+        number_of_left_players_agent_controls=n_players, other_config_options=config,
+    )  # fmt: skip
+
+
+def reset_football_env(env, rng: np.random.Generator, num_agents: int) -> np.ndarray:
+    """Starts a new episode with its own engine seed -> obs [N, 115]. gfootball re-seeds its engine with the config's
+    game_engine_random_seed at every reset, so one fixed seed would replay the same episode for the same actions (a
+    greedy evaluation would see one episode 100 times): each episode draws its seed from the env's generator."""
+    env.unwrapped._config["game_engine_random_seed"] = int(rng.integers(2**31))
+    return np.reshape(env.reset(), (num_agents, GRF_OBS_DIM))
+
+
+def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
+    """The body of one env process: holds one env per seed and answers FootballEnvs' commands over pipe."""
+    main_pipe.close()  # the main process's end (copied by fork): once that process is gone, pipe.recv() raises EOFError
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process; its exit then stops this one
+    n, num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
+    envs = [make_football_env(scenario, seed) for seed in seeds]
+    rngs = [np.random.default_rng(seed) for seed in seeds]  # per-episode engine seeds, independent of --num-workers
+    scores = np.zeros(n, dtype=np.float32)  # the running episode's sum of score_reward (+1 goal, -1 conceded)
+    try:
+        while True:
+            command, data = pipe.recv()
+            if command == "reset":
+                scores[:] = 0.0
+                pipe.send(np.stack([reset_football_env(env, rng, num_agents) for env, rng in zip(envs, rngs, strict=True)]))
+            elif command == "step":
+                obs, rewards = np.zeros((n, num_agents, GRF_OBS_DIM), np.float32), np.zeros((n, num_agents), np.float32)
+                dones, ended_scores = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float32)
+                for i, env in enumerate(envs):
+                    env_obs, rewards[i], dones[i], info = env.step(data[i])
+                    scores[i] += info["score_reward"]
+                    if dones[i]:  # the scenario ended it: report its score and start the next episode at once
+                        ended_scores[i], scores[i] = scores[i], 0.0
+                        env_obs = reset_football_env(env, rngs[i], num_agents)
+                    obs[i] = np.reshape(env_obs, (num_agents, GRF_OBS_DIM))
+                pipe.send((obs, rewards, dones, ended_scores))
+            elif command == "render":
+                try:
+                    pipe.send(envs[0].render(mode="rgb_array"))
+                except Exception as error:  # no OpenGL here: say so instead of dying
+                    pipe.send(RuntimeError(f"gfootball could not render: {error!r}"))
+            elif command == "close":
+                break
+    except EOFError:  # the main process ended without closing the envs
+        pass
+    finally:
+        for env in envs:
+            env.close()  # otherwise gfootball prints an AttributeError from __del__ at exit
+        pipe.close()
+
+
+class EnvProcessError(SystemExit):
+    """An env process died or stopped answering: a SystemExit ends the run with its one line and no traceback (the
+    event file is still closed, at exit); record_video catches it, as rendering without OpenGL can crash."""
+
+
+class FootballEnvs:
+    """One gfootball env per seed (see env_seeds), all of one scenario, split over num_workers processes that step
+    their envs in parallel. Env i draws the engine seed of each of its episodes from np.random.default_rng(seeds[i]),
+    so runs are reproducible whatever --num-workers is. An env whose episode ends (a goal, the ball out of play or lost,
+    or 400 steps) is reset inside `step`: its returned obs is the first of its next episode. A worker that dies, or does
+    not answer within timeout seconds, stops all the workers and raises EnvProcessError naming it and the scenario."""
+
+    def __init__(self, scenario: str, seeds: list[int], num_workers: int, timeout: float):
+        self.scenario, self.timeout = scenario, timeout
+        self.num_envs, self.num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
+        self.obs_dim, self.n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
+        # fork: the workers inherit the imported engine (started before any torch work, so no thread pool is copied)
+        context = multiprocessing.get_context("fork")
+        self.env_ids = np.array_split(np.arange(self.num_envs), min(num_workers, self.num_envs))
+        self.pipes, self.processes = [], []
+        for ids in self.env_ids:
+            pipe, worker_pipe = context.Pipe()
+            worker_args = (worker_pipe, pipe, scenario, [seeds[i] for i in ids])
+            # daemon: multiprocessing terminates the workers when the main process exits, however it exits
+            self.processes.append(context.Process(target=football_worker, args=worker_args, daemon=True))
+            self.processes[-1].start()
+            worker_pipe.close()
+            self.pipes.append(pipe)
+
+    def send(self, worker: int, command: str, data=None):
+        try:
+            self.pipes[worker].send((command, data))
+        except OSError:  # BrokenPipeError, ConnectionResetError: the process has ended
+            self.fail(worker, "died")
+
+    def receive(self, worker: int):
+        """The worker's answer to the last command, waiting at most timeout seconds for it."""
+        try:
+            if self.pipes[worker].poll(self.timeout):
+                return self.pipes[worker].recv()
+        except (EOFError, OSError):  # the process has ended
+            self.fail(worker, "died")
+        self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
+
+    def fail(self, worker: int, problem: str):
+        """Terminates every worker (the envs are out of step now) and raises EnvProcessError naming this one."""
+        for process in self.processes:
+            process.terminate()  # nothing for a process that has ended
+        for process in self.processes:
+            process.join(timeout=10)
+        if problem == "died":
+            code = self.processes[worker].exitcode  # -n: killed by signal n (SIGSEGV: the engine crashed)
+            problem += f" ({signal.Signals(-code).name})" if code is not None and code < 0 else f" (exit code {code})"
+        ids = self.env_ids[worker]
+        raise EnvProcessError(f"{self.scenario}: env process {worker} (envs {ids[0]}-{ids[-1]}) {problem}")
+
+    def reset(self) -> np.ndarray:
+        """-> obs [E, N, 115]"""
+        for worker in range(len(self.pipes)):
+            self.send(worker, "reset")
+        return np.concatenate([self.receive(worker) for worker in range(len(self.pipes))])
+
+    def step(self, actions: np.ndarray) -> tuple:
+        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of the episode
+        that ended at this step: +1 the left team scored, -1 it conceded; 0 where none ended)."""
+        for worker, ids in enumerate(self.env_ids):
+            self.send(worker, "step", actions[ids])
+        results = [self.receive(worker) for worker in range(len(self.pipes))]
+        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
+
+    def render(self) -> np.ndarray:
+        """-> the current frame of env 0 [270, 480, 3] uint8"""
+        self.send(0, "render")
+        frame = self.receive(0)
+        if isinstance(frame, Exception):
+            raise frame
+        return frame
+
+    def close(self):
+        """Each worker closes its engines; one that has died is skipped, one that hangs is terminated after 10 s."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):  # a broken pipe: that worker has ended
+                pipe.send(("close", None))
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
+def make_envs(args, resumed_after: int | None):
+    """The train envs, the eval envs (about 60 MB per engine: only with evaluations) and the video env (only with
+    --capture-video and evaluations), each stream with seeds of its own (a resumed run's start afresh)."""
+    seeds = lambda stream, n: resumed_seeds(env_seeds(args.seed, stream, n), resumed_after)
+    make = lambda seeds, num_workers: FootballEnvs(args.scenario, seeds, num_workers, args.env_timeout)
+    envs = make(seeds("train", args.num_envs), args.num_workers)
+    eval_seeds = seeds("eval", min(args.eval_episodes, args.num_envs))
+    eval_envs = make(eval_seeds, args.num_workers) if args.eval_interval > 0 else None
+    video_envs = make(seeds("video", 1), 1) if args.capture_video and eval_envs is not None else None
+    return envs, eval_envs, video_envs
 
 
 @torch.no_grad()
@@ -863,10 +632,8 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None):
     E, N = envs.num_envs, envs.num_agents
     # a fixed share per env, not the first episodes to finish: those would over-count the short ones
     left = np.array([len(share) for share in np.array_split(np.arange(num_episodes), E)])
-    obs = torch.as_tensor(envs.reset(), device=device)
-    hidden = torch.zeros(E, N, hidden_dim, device=device)
-    masks = torch.ones(1, E, N, device=device)
-    avail_actions = torch.ones(1, E, N, envs.n_actions, device=device)
+    obs, hidden = torch.as_tensor(envs.reset(), device=device), torch.zeros(E, N, hidden_dim, device=device)
+    masks, avail_actions = torch.ones(1, E, N, device=device), torch.ones(1, E, N, envs.n_actions, device=device)
     running_returns, returns, scores = np.zeros(E), [], []
     if frames is not None:
         frames.append(envs.render())
@@ -886,22 +653,305 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None):
     return np.array(returns), np.array(scores)
 
 
-def save_gif(frames, path):
-    imageio = require("imageio", "pip install imageio", "--capture-video")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    imageio.mimsave(path, frames, duration=100, loop=0)  # 10 frames/s, the rate of gfootball's own videos
-    return path
-
-
 def record_video(actor, video_envs, hidden_dim, device, path):
-    """One greedy episode rendered to a GIF; where the engine cannot render (no OpenGL), one line says so instead."""
+    """One greedy episode rendered to a GIF at path (10 frames/s, the rate of gfootball's own videos) -> path; where the
+    engine cannot render (no OpenGL), one line says so instead -> None."""
     frames = []
     try:
         evaluate(actor, video_envs, 1, hidden_dim, device, frames)
     except (RuntimeError, EnvProcessError) as error:  # a render error, or the engine died in its process
         print(f"--capture-video: no video, gfootball could not render on this machine (it needs OpenGL): {error}")
         return None
-    return save_gif(frames, path)
+    imageio = require("imageio", "pip install imageio", "--capture-video")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, duration=100, loop=0)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (not needed to train)
+# ---------------------------------------------------------------------------------------------------------------------
+def rvar(advantages, control_variate, weights):
+    """Var(A - C) / Var(A) over the weighted entries (section 4.1, Figure 1): below 1, C reduces the variance."""
+    return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
+
+
+def grad_variance(grads):
+    """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
+    return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
+
+
+def grad_norm_ratio(numerator, denominator, params):
+    """||d numerator / d params|| / ||d denominator / d params|| (diagnostics/dpg_grad_ratio)."""
+    norms = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True)]).norm()
+        for loss in (numerator, denominator)
+    ]
+    return norms[0] / norms[1].clamp(min=1e-12)
+
+
+def rollout_diagnostics(
+    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, k=8
+):
+    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
+    rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
+    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
+    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
+    of the rollout's real steps (no padding)."""
+    T, E, N, A = q_values.shape
+    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
+    with torch.enable_grad():
+        q_tot_taken = mixer(q_taken, state)  # [T, E]
+        (slope,) = torch.autograd.grad(q_tot_taken.sum(), q_taken)  # [T, E, N]
+    q_tot_taken = value_norm.denormalize(q_tot_taken.detach())
+    sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
+    q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    unavailable = avail_actions == 0
+    q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
+    q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active = weights.bool()
+    stats = {
+        "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "mixer_slope": slope[active].median(),
+        "q_gap": (q_scale * slope * q_range)[active].median(),
+        "q_tot_mean": q_tot_taken.mean(),
+    }
+    if joint_q is not None:  # Figure 1's comparison: the same control variate from an unfactorized Q
+        joint_control = joint_q(state, actions) - joint_q(state.expand(k, *state.shape), sampled).mean(0)
+        stats["rvar_joint"] = rvar(raw_advantages, joint_control.unsqueeze(-1), weights)
+    return stats
+
+
+def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    n_chunks = mb["valid"].shape[1]
+    group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
+    grads = []
+    for g in range(min(k, n_chunks)):
+        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, value_norm, nu, dpg_scale, args)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    return grad_variance(torch.stack(grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plumbing: argument checks, seeds, checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C)
+# ---------------------------------------------------------------------------------------------------------------------
+def fail(message: str) -> None:
+    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def require(module: str, install: str, flag: str):
+    """Imports an optional package, or stops with one line saying which flag needs it and how to install it."""
+    try:
+        return __import__(module)
+    except ImportError:
+        fail(f"{flag} needs {module}: {install}")
+
+
+def check_args(args: Args) -> None:
+    if args.scenario not in ACADEMY_SCENARIOS:
+        fail(f"--scenario must be one of {', '.join(ACADEMY_SCENARIOS)}, got {args.scenario!r}")
+    if args.mixer not in ("qmix", "vdn"):
+        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
+    if args.dpg_scale not in ("raw", "advantage"):
+        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    if args.nu_warmup is not None and args.nu_warmup < 0:
+        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
+    if not 0.0 <= args.nu <= 1.0:
+        fail(f"--nu must be in [0, 1], got {args.nu}")
+    for flag in ("num_envs", "num_steps", "num_workers", "update_epochs", "chunk_len", "torch_threads", "eval_episodes"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
+        fail(
+            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
+            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        )
+    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
+    if not 1 <= args.num_minibatches <= n_chunks:
+        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
+    if not args.env_timeout > 0:
+        fail(f"--env-timeout must be > 0 seconds, got {args.env_timeout}")
+    if args.checkpoint_interval < 0:
+        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
+    if args.eval_only is not None and not os.path.isfile(args.eval_only):
+        fail(f"--eval-only: no such file {args.eval_only!r}")
+
+
+def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
+    """One independent seed per env: env i of a stream (train, eval or video) gets child i of that stream's child of
+    np.random.SeedSequence(seed), so runs of different --seed, and the train and eval envs of one run, share no env
+    stream (with seed + i, --seed 1 and --seed 2 would share all envs but one)."""
+    stream_sequence = np.random.SeedSequence(seed).spawn(3)[("train", "eval", "video").index(stream)]
+    return [int(child.generate_state(1)[0]) for child in stream_sequence.spawn(num_envs)]
+
+
+def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
+    """The env seeds of a run resumed after `update` (None: not resumed, the seeds as they are). Where an env's state
+    cannot be saved (mpe2, StarCraft II, gfootball, MuJoCo), a resumed run starts new episodes: child `update` of each
+    env's seed gives them a stream of their own, where the same seeds would replay the run's first episodes (the NumPy
+    port and SMAX restore their generators from the checkpoint, whatever the seeds)."""
+    if update is None:
+        return seeds
+    return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
+
+
+# what --save-model writes, with the args
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
+# num_workers and env_timeout are operational: each env's engine seeds do not depend on the env process it runs in
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+RESUME_FLAGS += ("num_workers", "env_timeout")
+
+
+def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
+    """--resume PATH (a checkpoint.pt or its run folder) -> (its path, its contents); one line and exit 2 if it is
+    missing, unreadable (truncated) or not this script's."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"--resume: no such checkpoint {path!r}")
+    try:  # it holds generator states, which are Python objects: resume only checkpoints you wrote
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        fail(f"--resume: {path!r} is not a readable checkpoint, perhaps truncated ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != script:
+        fail(f"--resume: {path!r} is not a checkpoint of {script}")
+    stale = sorted(set(checkpoint.get("args", {})) ^ {field.name for field in fields(Args)})
+    if stale:  # a checkpoint of an older or newer version of this script: its flags, and so its state, differ
+        fail(f"--resume: {path!r} was written by another version of {script} (flags that differ: {', '.join(stale)})")
+    return os.path.abspath(path), checkpoint  # absolute: its folder is the run's, wherever the checkpoint lies
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    saved = checkpoint["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+    given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
+    for name in sorted(given & saved.keys() - {*RESUME_FLAGS, "resume"}):
+        if getattr(args, name) != saved[name]:
+            allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
+            fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
+    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+
+
+def rng_states(generators: dict) -> dict:
+    """Every random generator in use: Python's, NumPy's, torch's (CPU and CUDA) and the named torch.Generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    return {**states, **{name: generator.get_state() for name, generator in generators.items()}}
+
+
+def set_rng_states(states: dict, generators: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():  # one whose device changed (--cuda) keeps its fresh seed
+        if states[name].numel() == generator.get_state().numel():
+            generator.set_state(states[name])
+
+
+def save_atomically(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM (Slurm's preemption) or SIGINT (Ctrl-C): the first makes the loop checkpoint at the end of the current
+    update and stop. A second SIGINT stops at once; a second SIGTERM does not, as Slurm may send it to the script both
+    directly and through the batch shell."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise SystemExit("second SIGINT: stopping now, without a checkpoint")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def evaluate_saved_model(args: Args, device) -> None:
+    """--eval-only: loads a model saved by --save-model, plays --eval-episodes greedy episodes (and renders one with
+    --capture-video), prints the success rate and the return, and exits."""
+    try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
+        model = torch.load(args.eval_only, map_location=device, weights_only=True)
+    except Exception as error:
+        fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
+    saved = Args(**{**model["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
+    make = lambda seeds, num_workers: FootballEnvs(saved.scenario, seeds, num_workers, args.env_timeout)
+    envs = make(env_seeds(args.seed, "eval", min(args.eval_episodes, saved.num_envs)), args.num_workers)
+    video_envs = make(env_seeds(args.seed, "video", 1), 1) if args.capture_video else None
+    actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
+    actor.load_state_dict(model["actor"])
+    returns, scores = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
+    print(
+        f"{args.eval_only}: {saved.scenario}, {len(returns)} greedy episodes, success rate {np.mean(scores > 0):.2f}, "
+        f"return {returns.mean():.2f} +- {returns.std():.2f}"
+    )
+    envs.close()
+    if video_envs is not None:
+        if video := record_video(
+            actor, video_envs, saved.hidden_dim, device, f"videos/{os.path.basename(args.eval_only)}.gif"
+        ):
+            print("video:", video)
+        video_envs.close()
+    sys.exit(0)
+
+
+def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> SummaryWriter:
+    """The run's TensorBoard writer (synced to Weights and Biases with --track). A resumed run drops what the killed
+    process logged after its checkpoint (purge_step), then logs on."""
+    if args.track:
+        wandb = require("wandb", "pip install wandb", "--track")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
+        )
+    return writer
+
+
+def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng) -> tuple:
+    """--resume: the training state as it was at the end of the checkpoint's update (networks, optimisers, ValueNorm,
+    generators). -> (global_step, the first update to run, last_return, last_success, eval_success)"""
+    for name, module in stateful.items():
+        module.load_state_dict(checkpoint[name])
+    set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
+    print("--resume: gfootball's engines cannot be saved, so the episodes start afresh (with engine seeds of their own)")
+    progress = (checkpoint[key] for key in ("last_return", "last_success", "eval_success"))
+    return checkpoint["global_step"], checkpoint["update"] + 1, *progress
+
+
+def save_checkpoint(path: str, args: Args, run_name: str, update: int, global_step: int, stateful: dict, rngs: dict, **logs):
+    """The whole training state after `update` (atomically written); logs: last_return, last_success, eval_success and,
+    for the record, the running episodes' sums (a resumed run starts its episodes afresh, uncounted)."""
+    run = {"script": os.path.basename(__file__), "args": asdict(args), "run_name": run_name, "update": update}
+    states = {name: module.state_dict() for name, module in stateful.items()}
+    save_atomically({**run, "global_step": global_step, **states, "rng": rng_states(rngs), **logs}, path)
+
+
+def stop_if_not_finite(losses: dict, update: int) -> None:
+    """A loss that is NaN or infinite stops the run, naming the update and the loss."""
+    if not torch.isfinite(torch.stack(list(losses.values()))).all():
+        bad = next(name for name, value in losses.items() if not torch.isfinite(value))
+        sys.exit(f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)")
 
 
 if __name__ == "__main__":
@@ -924,72 +974,20 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # --eval-only: load a saved model, evaluate it greedily, optionally render, and stop
     if args.eval_only is not None:
-        try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
-            checkpoint = torch.load(args.eval_only, map_location=device, weights_only=True)
-        except Exception as error:
-            fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
-        saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
-        eval_seeds = env_seeds(args.seed, "eval", min(args.eval_episodes, saved.num_envs))
-        envs = FootballEnvs(saved.scenario, eval_seeds, args.num_workers, args.env_timeout)
-        video_envs = (
-            FootballEnvs(saved.scenario, env_seeds(args.seed, "video", 1), 1, args.env_timeout) if args.capture_video else None
-        )
-        actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
-        actor.load_state_dict(checkpoint["actor"])
-        returns, scores = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
-        print(
-            f"{args.eval_only}: {saved.scenario}, {len(returns)} greedy episodes, success rate {np.mean(scores > 0):.2f}, "
-            f"return {returns.mean():.2f} +- {returns.std():.2f}"
-        )
-        envs.close()
-        if video_envs is not None:
-            video = record_video(actor, video_envs, saved.hidden_dim, device, f"videos/{os.path.basename(args.eval_only)}.gif")
-            if video is not None:
-                print("video:", video)
-            video_envs.close()
-        sys.exit(0)
+        evaluate_saved_model(args, device)  # it exits
 
     run_name = checkpoint["run_name"] if checkpoint else f"{args.scenario}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
-    if args.track:
-        wandb = require("wandb", "pip install wandb", "--track")
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    # a resumed run drops what the killed process logged after its checkpoint (purge_step), then logs on
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    writer = make_writer(args, run_name, run_dir, checkpoint)
     atexit.register(writer.close)  # a run stopped early (a dead env process, a non-finite loss) keeps what it logged
-    if not checkpoint:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()]),
-        )
 
-    # env setup, before any torch work (the env processes are forked): the mixer state of GRF is the concatenation of
-    # all agents' observations (SPEC section 3)
-    resumed_after = checkpoint["update"] if checkpoint else None  # a resumed run's envs start afresh (resumed_seeds)
-    train_seeds = resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after)
-    envs = FootballEnvs(args.scenario, train_seeds, args.num_workers, args.env_timeout)
-    # evaluation envs of their own (about 60 MB per engine), only if there are evaluations
-    eval_seeds = resumed_seeds(env_seeds(args.seed, "eval", min(args.eval_episodes, args.num_envs)), resumed_after)
-    eval_envs = FootballEnvs(args.scenario, eval_seeds, args.num_workers, args.env_timeout) if args.eval_interval > 0 else None
-    video_envs = (
-        FootballEnvs(args.scenario, resumed_seeds(env_seeds(args.seed, "video", 1), resumed_after), 1, args.env_timeout)
-        if args.capture_video and eval_envs is not None
-        else None
-    )
+    # env setup, before any torch work (the env processes are forked); the mixer's state is all agents' observations
+    envs, eval_envs, video_envs = make_envs(args, checkpoint["update"] if checkpoint else None)
     E, N, A, H, T = args.num_envs, envs.num_agents, envs.n_actions, args.hidden_dim, args.num_steps
     obs_dim, state_dim = envs.obs_dim, N * envs.obs_dim
 
-    # networks and their three optimisers (SPEC section 2)
+    # networks and their three optimisers
     actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
     critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
     # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
@@ -999,28 +997,16 @@ if __name__ == "__main__":
         agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
-    value_norm = ValueNorm().to(device)
-    # --q-norm: V's statistics, not those of Q_tot's own targets: these bootstrap on denormalised Q_tot', so while Q_tot'
-    # is wide they widened their own scale, which widened them further (Q_tot reached 1e5 to 1e8 on SMAX 2s3z)
-    q_norm = value_norm if args.q_norm else None
+    value_norm = ValueNorm().to(device)  # V's statistics, which Q_tot's targets are normalised by too (q_loss)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
     # what a checkpoint saves and --resume restores, besides the generators
-    stateful = {
-        "actor": actor,
-        "critic": critic,
-        "agent_q": agent_q,
-        "mixer": mixer,
-        "target_agent_q": target_agent_q,
-        "target_mixer": target_mixer,
-        "value_norm": value_norm,
-        "actor_optimizer": actor_optimizer,
-        "critic_optimizer": critic_optimizer,
-        "q_optimizer": q_optimizer,
-    }
+    stateful = {"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer, "value_norm": value_norm}
+    stateful |= {"target_agent_q": target_agent_q, "target_mixer": target_mixer, "actor_optimizer": actor_optimizer}
+    stateful |= {"critic_optimizer": critic_optimizer, "q_optimizer": q_optimizer}
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
     obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
@@ -1028,9 +1014,7 @@ if __name__ == "__main__":
     avail_actions = torch.ones(T + 1, E, N, A, device=device)  # GRF: every action is always available
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in GRF)
-    actor_hidden = torch.zeros(T + 1, E, N, H, device=device)  # hidden states entering step t
-    critic_hidden = torch.zeros(T + 1, E, N, H, device=device)
-    q_hidden = torch.zeros(T + 1, E, N, H, device=device)
+    actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
     actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
     logprobs = torch.zeros(T, E, N, device=device)
     rollout_logits = torch.zeros(T, E, N, A, device=device)
@@ -1044,14 +1028,10 @@ if __name__ == "__main__":
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, finished_scores = [], [], []
     last_return, last_success, eval_success = float("nan"), float("nan"), float("nan")
-    n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
-    if checkpoint:  # --resume: the training state as it was at the end of the checkpoint's update
-        global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
-        for name, module in stateful.items():
-            module.load_state_dict(checkpoint[name])
-        set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
-        last_return, last_success, eval_success = (checkpoint[key] for key in ("last_return", "last_success", "eval_success"))
-        print("--resume: gfootball's engines cannot be saved, so the episodes start afresh (with engine seeds of their own)")
+    if checkpoint:
+        global_step, start_update, last_return, last_success, eval_success = restore_checkpoint(
+            checkpoint, stateful, diagnostics_rng
+        )
     # the handlers come after the env processes are forked: SIGTERM still ends those (terminate()), SIGINT they ignore
     start_step, preemption = global_step, Preemption()
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
@@ -1113,137 +1093,93 @@ if __name__ == "__main__":
             greedy_last = actor(actor_input(obs[T:]), actor_hidden[T], agent_masks[T:], avail_actions[T:])[0][0].argmax(-1)
             target_actions = torch.cat([actions, greedy_last[None]])  # [T+1, E, N]
             target_agent_qs = target_q_values.gather(-1, target_actions.unsqueeze(-1)).squeeze(-1)
-            q_tot_target = raw_q(q_norm, target_mixer(target_agent_qs, state))  # [T+1, E], reward units
+            q_tot_target = value_norm.denormalize(target_mixer(target_agent_qs, state))  # [T+1, E], reward units
             q_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
-            # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
+            # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap (no joint Q here)
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            probs = rollout_logits.softmax(-1)
             diagnostics = rollout_diagnostics(
-                raw_advantages,
-                active,
-                q_values_online,
-                actions,
-                rollout_logits.softmax(-1),
-                avail_actions[:T],
-                state[:T],
-                mixer,
-                q_norm,
-                diagnostics_rng,
-                None,  # no unfactorized joint Q here (rvar_joint is MPE's)
-            )
+                raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
+                diagnostics_rng, None,
+            )  # fmt: skip
 
-        # CHUNKS: [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot needs every agent's mu at
-        # the same t). The last window is padded with valid = 0; masks are padded with 1 so that the GRU stays fused.
-        def to_chunks(x, pad_value=0.0):
-            padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, n_windows * args.chunk_len - T), value=pad_value)
-            return padded.reshape(n_windows, args.chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
-
+        # CHUNKS (Algorithm 1, line 12): masks and avail_actions are padded with 1, so that the GRU stays fused
+        rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
+        rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
+        rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
         batch = {
-            name: to_chunks(x, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
-            for name, x in {
-                "obs": obs[:T],
-                "state": state[:T],
-                "avail_actions": avail_actions[:T],
-                "masks": masks[:T],
-                "active_masks": active,
-                "actions": actions,
-                "logprobs": logprobs,
-                "advantages": advantages,
-                "returns": returns,
-                "values": values[:T],
-                "q_returns": q_returns,
-                "valid": torch.ones(T, E, device=device),
-            }.items()
+            name: to_chunks(x, args.chunk_len, 1.0 if name in ("masks", "avail_actions") else 0.0)
+            for name, x in rollout.items()
         }
-        chunk_starts = slice(0, T, args.chunk_len)  # hidden states entering each chunk, from the rollout
-        start_hidden = {
-            name: h[chunk_starts].flatten(0, 1)
+        # the hidden states entering each chunk, from the rollout (Algorithm 1, line 20)
+        starts = {
+            name: h[0 : T : args.chunk_len].flatten(0, 1)
             for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
         }
 
-        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own optimiser, per minibatch
-        n_chunks = n_windows * E
+        # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own Adam (Algorithm 1, line 23)
+        n_chunks = batch["valid"].shape[1]
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
             for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
                 mb = {name: x[:, mb_chunks] for name, x in batch.items()}
                 mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
                 mb_critic_in = critic_input(mb["obs"], mb["state"])
-                logits = actor(actor_input(mb["obs"]), start_hidden["actor"][mb_chunks], mb_masks, mb["avail_actions"])[0]
-                q_values = agent_q(mb_critic_in, start_hidden["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
-                new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
+                logits = actor(actor_input(mb["obs"]), starts["actor"][mb_chunks], mb_masks, mb["avail_actions"])[0]
+                q_values = agent_q(mb_critic_in, starts["q"][mb_chunks], mb_masks)[0]  # [L, B, N, A]
+                new_values = critic(mb_critic_in, starts["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
-                loss, parts = actor_loss(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, args)
-                first_minibatch = not stats
-                if first_minibatch and nu > 0:
+                loss, parts = actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args)
+                if not stats and nu > 0:  # the first minibatch
                     actor_params = list(actor.parameters())
                     dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
-                if first_minibatch and args.log_grad_var:
-                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, q_norm, nu, dpg_scale, actor, args)
-                valid = mb["valid"].bool()
-                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                if not stats and args.log_grad_var:
+                    grad_var = actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args)
+                value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
                 weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
                 v_loss = value_loss(
                     new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
                 )
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
-                q_targets = mb["q_returns"]
-                if q_norm is not None:  # --q-norm: Q_tot learns the targets at unit scale, as V does
-                    q_targets = q_norm.normalize(q_targets)
-                q_loss = weighted_mean((q_tot - q_targets) ** 2, mb["valid"])
-
-                losses = {
-                    "policy_loss": parts["policy_loss"],
-                    "dpg_loss": parts["dpg_loss"],
-                    "value_loss": v_loss,
-                    "q_loss": q_loss,
-                }
-                if not torch.isfinite(torch.stack(list(losses.values()))).all():
-                    bad = next(name for name, value in losses.items() if not torch.isfinite(value))
-                    sys.exit(
-                        f"update {update}: losses/{bad} is {losses[bad].item()}; stopping (try a smaller --learning-rate)"
-                    )
+                q_tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
+                losses = {"policy_loss": parts["policy_loss"], "dpg_loss": parts["dpg_loss"], "value_loss": v_loss}
+                stop_if_not_finite({**losses, "q_loss": q_tot_loss}, update)
 
                 for optimizer, module_loss, params in [
                     (actor_optimizer, loss, actor.parameters()),
                     (critic_optimizer, v_loss, critic.parameters()),
-                    (q_optimizer, q_loss, q_params),
+                    (q_optimizer, q_tot_loss, q_params),
                 ]:
                     optimizer.zero_grad()
                     module_loss.backward()
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
-                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (SPEC section 5)
+                soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (Algorithm 1, line 25)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_loss}.items():
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_tot_loss}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
         for buffer in (obs, state, avail_actions, masks, active_masks, actor_hidden, critic_hidden, q_hidden):
             buffer[0] = buffer[T]
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/nu", nu, global_step)
-        for name, value in stats.items():
-            writer.add_scalar(f"losses/{name}", value.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
-        writer.add_scalar("charts/q_tot_mean", diagnostics.pop("q_tot_mean").item(), global_step)
-        for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items():
-            writer.add_scalar(f"diagnostics/{name}", value.item(), global_step)
-        if grad_var is not None:
-            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
-        if finished_returns:
+        logs = {"charts/SPS": sps, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"], "charts/nu": nu}
+        logs |= {f"losses/{name}": value.item() for name, value in stats.items()}
+        logs |= {"losses/explained_variance": explained_var.item(), "charts/q_tot_mean": diagnostics.pop("q_tot_mean").item()}
+        diagnostics |= {"dpg_grad_ratio": dpg_grad_ratio, **({"grad_var": grad_var} if grad_var is not None else {})}
+        logs |= {f"diagnostics/{name}": value.item() for name, value in diagnostics.items()}
+        if finished_returns:  # success: the left team scored; goals: the goal difference per episode
             last_return, last_success = np.mean(finished_returns), np.mean(np.array(finished_scores) > 0)
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-            writer.add_scalar("charts/success_rate", last_success, global_step)  # the left team scored
-            writer.add_scalar("charts/goals", np.mean(finished_scores), global_step)  # goal difference per episode
+            logs |= {"charts/episodic_return": last_return, "charts/episodic_length": np.mean(finished_lengths)}
+            logs |= {"charts/success_rate": last_success, "charts/goals": np.mean(finished_scores)}
             finished_returns, finished_lengths, finished_scores = [], [], []
+        for tag, value in logs.items():
+            writer.add_scalar(tag, value, global_step)
 
         # EVALUATE: greedy episodes with fresh hidden states on separate envs
         if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
@@ -1251,10 +1187,8 @@ if __name__ == "__main__":
             eval_success = np.mean(eval_scores > 0)
             writer.add_scalar("eval/episodic_return", eval_returns.mean(), global_step)
             writer.add_scalar("eval/success_rate", eval_success, global_step)
-            if (
-                video_envs is not None
-                and record_video(actor, video_envs, H, device, f"videos/{run_name}/update_{update}.gif") is None
-            ):
+            video_path = f"videos/{run_name}/update_{update}.gif"
+            if video_envs is not None and record_video(actor, video_envs, H, device, video_path) is None:
                 video_envs.close()  # it cannot render here: no more attempts
                 video_envs = None
 
@@ -1269,24 +1203,11 @@ if __name__ == "__main__":
 
         # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
-            save_atomically(
-                {
-                    "script": os.path.basename(__file__),
-                    "args": asdict(args),
-                    "run_name": run_name,
-                    "update": update,
-                    "global_step": global_step,
-                    **{name: module.state_dict() for name, module in stateful.items()},
-                    "rng": rng_states({"diagnostics": diagnostics_rng}),
-                    "last_return": last_return,
-                    "last_success": last_success,
-                    "eval_success": eval_success,
-                    # the running episodes' sums, for the record: a resumed run starts its episodes afresh, uncounted
-                    "episode_returns": episode_returns,
-                    "episode_lengths": episode_lengths,
-                },
-                checkpoint_path,
-            )
+            save_checkpoint(
+                checkpoint_path, args, run_name, update, global_step, stateful, {"diagnostics": diagnostics_rng},
+                last_return=last_return, last_success=last_success, eval_success=eval_success,
+                episode_returns=episode_returns, episode_lengths=episode_lengths,
+            )  # fmt: skip
             if preemption.signal_name:
                 print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")
                 break
@@ -1299,14 +1220,8 @@ if __name__ == "__main__":
         )
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            save_atomically(
-                {"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS if name in stateful}},
-                model_path,
-            )
+            save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
             print(f"model saved to {model_path}")
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
-    if video_envs is not None:
-        video_envs.close()
+    for env_group in filter(None, (envs, eval_envs, video_envs)):
+        env_group.close()
     writer.close()

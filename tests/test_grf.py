@@ -2,8 +2,8 @@
 env's wrappers, smoke runs of the paper's five scenarios with env processes (their event files read back), save then
 --eval-only, env determinism, rendering, bad input. A stand-in env (StubFootballEnv) in the script's real env processes
 checks what needs exact episodes: success counted once per episode, the env seeds, a dead or hung env process, nu = 0
-still MAPPO under every flag of issue 12, and --resume (the restored training state, the normaliser's statistics included,
-SIGTERM and Ctrl-C's SIGINT, bad checkpoints).
+still MAPPO whatever the Q branch, the DPG-only flags acting at nu > 0, and --resume (the restored training state, the
+normaliser's statistics included, SIGTERM and Ctrl-C's SIGINT, bad checkpoints).
 
 Without gfootball the engine tests skip with the reason (install it with `bash scripts/install_grf.sh`); under CI
 (CI=true) a missing gfootball fails them instead, so CI cannot pass without running them."""
@@ -386,7 +386,7 @@ def stub_envs(monkeypatch, seeds, num_workers, fate=None, timeout=60.0):
 
 
 def test_env_seeds_share_no_engine_seeds_across_runs_and_streams(monkeypatch):
-    """With seed + i, --seed 1 and --seed 2 shared all envs but one (issue 14). Now no env of --seed 1 and --seed 2, or
+    """With seed + i, --seed 1 and --seed 2 would share all envs but one. No env of --seed 1 and --seed 2, or
     of the train and eval envs of one seed, draws the same first engine seed (the stand-in's first observations are
     drawn from it); and the engine seeds do not depend on --num-workers."""
     first_obs = {}
@@ -519,24 +519,39 @@ def test_a_resumed_run_continues_with_the_restored_training_state(tmp_path):
     assert [step for step, _ in resumed_logged["eval/success_rate"]] == [64, 128]
 
 
-def test_nu_zero_is_mappo_under_every_flag(tmp_path):
-    """With nu = 0 the actor and V must not depend on the Q branch: two runs from the same seed whose Q branches differ
-    completely (mixer, TD(lambda), target rate, Q normalisation, every option of L_dpg of issue 12) end with identical
-    actor and V parameters (so they also saw the same rollouts), and different Q-networks. (That nu > 0 reaches the
-    actor through Q_tot is tested on the losses themselves, in test_shared_numerics.py: two more runs here cost 20 s.)"""
-    q_branch = ["--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5", "--no-q-norm", "--dpg-clip", "--mu", "probs"]
-    q_branch += ["--dpg-scale", "advantage", "--nu-warmup", str(STUB_UPDATE_STEPS)]
-    runs = {}
-    for name, extra in {"default": [], "flags": q_branch}.items():
+def stub_models(tmp_path, variants: dict, *flags) -> dict:
+    """One 2-update run on the stand-in envs per variant (name -> extra flags) -> {name: its saved model}"""
+    models = {}
+    for name, extra in variants.items():
         cwd = tmp_path / name
         cwd.mkdir()
-        flags = [*RESUMABLE, "--eval-interval", "0", "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--nu", "0"]
-        run([*flags, *extra], cwd, env=stub_gfootball(cwd))
-        runs[name] = saved_model(cwd)
-    assert runs["flags"]["args"]["mixer"] == "vdn" and not runs["flags"]["args"]["q_norm"]
-    assert runs["flags"]["args"]["mu"] == "probs" and runs["flags"]["args"]["dpg_scale"] == "advantage"
+        two_updates = ["--eval-interval", "0", "--total-timesteps", str(2 * STUB_UPDATE_STEPS)]
+        run([*RESUMABLE, *two_updates, *flags, *extra], cwd, env=stub_gfootball(cwd))
+        models[name] = saved_model(cwd)
+    return models
+
+
+def test_nu_zero_is_mappo_whatever_the_q_branch(tmp_path):
+    """With nu = 0 the actor and V must not depend on the Q branch: two runs from the same seed whose Q branches differ
+    completely (mixer, TD(lambda), target rate: the flags that act at nu = 0) end with identical actor and V parameters
+    (so they also saw the same rollouts), and different Q-networks. (The DPG-only flags cannot act at nu = 0, where
+    actor_loss skips L_dpg: test_dpg_only_flags_change_a_run_with_nu_above_zero shows they act at nu > 0.)"""
+    q_branch = ["--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"]
+    runs = stub_models(tmp_path, {"default": [], "flags": q_branch}, "--nu", "0")
+    assert runs["flags"]["args"]["mixer"] == "vdn" and runs["flags"]["args"]["td_lambda"] == 0.3
     assert_same_tensors(runs["default"], runs["flags"], ["actor", "critic", "value_norm"])
     assert not torch.equal(runs["default"]["agent_q"]["head.weight"], runs["flags"]["agent_q"]["head.weight"])
+
+
+def test_dpg_only_flags_change_a_run_with_nu_above_zero(tmp_path):
+    """At nu = 0.5 --dpg-scale advantage (L_dpg divided by the advantages' std) and a --nu-warmup (nu = 0 in update 1,
+    half of it in update 2) each change the actor that a run without them trains, from the same seed."""
+    no_warmup = ["--nu-warmup", "0"]
+    variants = {"plain": no_warmup, "dpg_scale": [*no_warmup, "--dpg-scale", "advantage"]}
+    variants["warmup"] = ["--nu-warmup", str(2 * STUB_UPDATE_STEPS)]
+    runs = stub_models(tmp_path, variants, "--nu", "0.5")
+    for name in ("dpg_scale", "warmup"):
+        assert not torch.equal(runs["plain"]["actor"]["head.weight"], runs[name]["actor"]["head.weight"]), name
 
 
 def test_resumed_envs_draw_engine_seeds_of_their_own():
@@ -589,7 +604,7 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch
         (tmp_path / "truncated.pt").write_bytes(f.read()[:1000])
     torch.save({"script": "maipg_mpe.py", "args": {}}, tmp_path / "foreign.pt")
     stale = torch.load(checkpoint, weights_only=False)  # as an older version of the script wrote it
-    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "q_norm"}, "gone": 1}
+    stale["args"] = {**{name: value for name, value in stale["args"].items() if name != "mixer"}, "gone": 1}
     torch.save(stale, tmp_path / "stale.pt")
     before = sorted(glob.glob(os.path.join(tmp_path, "runs", "**"), recursive=True))
     result = run(["--resume", checkpoint, "--scenario", "academy_corner"], tmp_path, check=False)
@@ -601,7 +616,7 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch
         ("no/such/run", "--resume: no such checkpoint 'no/such/run'"),
         ("truncated.pt", "--resume: 'truncated.pt' is not a readable checkpoint, perhaps truncated"),
         ("foreign.pt", "--resume: 'foreign.pt' is not a checkpoint of maipg_grf.py"),
-        ("stale.pt", "--resume: 'stale.pt' was written by another version of maipg_grf.py (flags that differ: gone, q_norm)"),
+        ("stale.pt", "--resume: 'stale.pt' was written by another version of maipg_grf.py (flags that differ: gone, mixer)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             maipg_grf.load_checkpoint(path, "maipg_grf.py")
