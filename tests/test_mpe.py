@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import types
 
 import imageio
 import numpy as np
@@ -99,9 +101,11 @@ def test_save_model_then_eval_only(tmp_path):
 
 
 def test_nu_zero_is_mappo(tmp_path):
-    """With nu = 0 the actor and V must not depend on the Q branch at all: two runs from the same seed whose Q branches
-    differ completely (mixer, TD(lambda), target rate, every option of L_dpg) end with identical actor
-    and V parameters (so they also saw the same rollouts). The control: with nu > 0 the same change does move the actor."""
+    """With nu = 0 the actor and V must not depend on the Q branch at all: runs from the same seed whose Q branches
+    differ completely (mixer, TD(lambda), target rate; the diagnostics that train a joint Q and take extra actor
+    gradients) end with identical actor and V parameters (so they also saw the same rollouts). The control: with nu > 0
+    the same change of the Q branch does move the actor. (The flags of L_dpg alone, which nu = 0 skips, are tested at
+    nu > 0 below.)"""
     common = ["--task", "spread", "--num-agents", "3", "--save-model", "--eval-interval", "0", *TINY]
     runs = {}
     for name, extra in {
@@ -109,8 +113,8 @@ def test_nu_zero_is_mappo(tmp_path):
         "vdn": ["--nu", "0", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
         "qmix_nu": ["--nu", "0.5", "--mixer", "qmix"],
         "vdn_nu": ["--nu", "0.5", "--mixer", "vdn", "--td-lambda", "0.3", "--target-tau", "0.5"],
-        # every flag of the DPG term at once: with nu = 0 none of them may touch the actor or V
-        "flags": ["--nu", "0", "--dpg-scale", "raw", "--nu-warmup", "75"],
+        # the flags that still act at nu = 0, on the Q branch or beside it: none of them may touch the actor or V
+        "flags": ["--nu", "0", "--joint-q-diagnostic", "--log-grad-var"],
     }.items():
         os.makedirs(tmp_path / name)
         run(extra + common, tmp_path / name)
@@ -121,6 +125,83 @@ def test_nu_zero_is_mappo(tmp_path):
                 assert torch.equal(value, runs[other][net][key]), f"nu = 0, {other}: {net}.{key} depends on the Q branch"
     assert not torch.equal(runs["qmix"]["agent_q"]["head.weight"], runs["vdn"]["agent_q"]["head.weight"])
     assert not torch.equal(runs["qmix_nu"]["actor"]["head.weight"], runs["vdn_nu"]["actor"]["head.weight"])
+
+
+def test_the_flags_of_l_dpg_change_a_run_with_nu_above_0(tmp_path):
+    """--dpg-scale and --nu-warmup act only through L_dpg, which nu = 0 skips: at nu > 0 each must move the actor."""
+    common = ["--task", "spread", "--num-agents", "3", "--save-model", "--eval-interval", "0", "--nu", "0.5", *TINY]
+    actors = {}
+    for name, extra in {
+        "base": ["--nu-warmup", "0"],  # --dpg-scale advantage, MPE's default
+        "dpg_scale": ["--nu-warmup", "0", "--dpg-scale", "raw"],
+        "nu_warmup": ["--nu-warmup", "75"],  # nu = 0 in update 1, 0.5 in update 2
+    }.items():
+        os.makedirs(tmp_path / name)
+        run(extra + common, tmp_path / name)
+        actors[name] = saved_model(tmp_path / name)["actor"]
+    for flag in ("dpg_scale", "nu_warmup"):
+        assert not torch.equal(actors["base"]["head.weight"], actors[flag]["head.weight"]), f"--{flag} changed nothing"
+
+
+def run_main_in_process(flags, cwd, monkeypatch, patch):
+    """Runs maipg_mpe.py's __main__ in this process on the script's own functions, after patch(namespace) has wrapped
+    some of them: a test can watch what the training loop passes them."""
+    with open(SCRIPT) as f:
+        definitions, main = f.read().split('\nif __name__ == "__main__":\n')
+    module = types.ModuleType("maipg_mpe_main")
+    module.__file__ = SCRIPT
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(definitions, SCRIPT, "exec"), module.__dict__)
+    patch(module.__dict__)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *flags])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(textwrap.dedent(main), SCRIPT, "exec"), module.__dict__)
+    finally:  # Preemption and the seeding changed process-wide settings
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dpg_scale", ["advantage", "raw"])
+def test_the_training_loop_divides_l_dpg_by_the_raw_advantages_std(dpg_scale, tmp_path, monkeypatch):
+    """--dpg-scale advantage (MPE's default): every actor loss of an update divides L_dpg by the std of that rollout's
+    raw advantages (+ 1e-5), the number that normalises them; --dpg-scale raw: by 1."""
+    updates = []
+
+    def patch(namespace):
+        normalize_advantages, weighted_var = namespace["normalize_advantages"], namespace["weighted_var"]
+        dpg_loss, actor_loss = namespace["dpg_loss"], namespace["actor_loss"]
+
+        def watched_normalize_advantages(raw_advantages, weights):
+            raw_std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
+            updates.append({"raw_std": raw_std, "dpg": [], "divided": []})
+            return normalize_advantages(raw_advantages, weights)
+
+        def watched_dpg_loss(*args):
+            updates[-1]["dpg"].append(dpg_loss(*args))
+            return updates[-1]["dpg"][-1]
+
+        def watched_actor_loss(*args):
+            loss, parts = actor_loss(*args)
+            updates[-1]["divided"].append(parts["dpg_loss"])
+            return loss, parts
+
+        namespace |= {"normalize_advantages": watched_normalize_advantages, "dpg_loss": watched_dpg_loss}
+        namespace["actor_loss"] = watched_actor_loss
+
+    flags = ["--num-agents", "3", "--nu", "0.5", "--nu-warmup", "0", "--eval-interval", "0", "--dpg-scale", dpg_scale]
+    run_main_in_process([*flags, *TINY], tmp_path, monkeypatch, patch)
+    assert len(updates) == 2
+    for update in updates:
+        assert len(update["dpg"]) == len(update["divided"]) == 2  # --update-epochs 2, one minibatch
+        divisor = update["raw_std"] if dpg_scale == "advantage" else 1.0
+        if dpg_scale == "advantage":
+            assert abs(update["raw_std"].item() - 1) > 0.1  # so that dividing by it shows
+        for dpg, divided in zip(update["dpg"], update["divided"], strict=True):
+            assert torch.equal(divided, dpg / divisor)
 
 
 @pytest.mark.parametrize(
@@ -213,26 +294,35 @@ def start(args, cwd):
     )
 
 
-def wait_for_checkpoint(process, cwd, timeout=120):
-    deadline = time.time() + timeout
-    while not glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt")):
-        assert process.poll() is None and time.time() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
-    return glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt"))[0]
+def last_logged_step(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return max((s.step for tag in events.Tags()["scalars"] for s in events.Scalars(tag)), default=0)
 
 
 def test_a_killed_and_resumed_run_is_the_uninterrupted_run(tmp_path):
-    """SIGKILL after the first checkpoint (update 3 of 12), then --resume: final weights, normaliser statistics and
-    every logged scalar, step for step, equal those of the same run left alone (the NumPy port's envs, generators and
-    the carried-over rollout slot are all in the checkpoint; the killed process's later points are purged)."""
+    """SIGKILL after a checkpoint (every 3 updates of 12), once the process has logged a later step, then --resume: final
+    weights, normaliser statistics and every logged scalar, step for step, equal those of the same run left alone (the
+    NumPy port's envs, generators and the carried-over rollout slot are all in the checkpoint; the killed process's
+    later points are purged)."""
     os.makedirs(tmp_path / "alone")
     os.makedirs(tmp_path / "killed")
     run(RESUMABLE, tmp_path / "alone")
     process = start(RESUMABLE, tmp_path / "killed")
-    checkpoint = wait_for_checkpoint(process, tmp_path / "killed")
+    pattern, deadline, checkpoints = os.path.join(tmp_path, "killed", "runs", "*", "checkpoint.pt"), time.time() + 120, []
+    # until it has checkpointed update 3 (step 600) and logged a later step, which the resumed run must purge
+    while not checkpoints or last_logged_step(os.path.dirname(checkpoints[0])) <= 600:
+        assert process.poll() is None and time.time() < deadline, "no checkpoint and later step before the end"
+        time.sleep(0.05)
+        checkpoints = glob.glob(pattern)
     process.kill()
     process.wait()
+    (checkpoint,) = glob.glob(pattern)
     assert not glob.glob(os.path.join(tmp_path, "killed", "runs", "*", "maipg_mpe.pt")), "it finished before the kill"
+    saved_step = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert last_logged_step(os.path.dirname(checkpoint)) > saved_step, "nothing logged after the checkpoint to purge"
     result = run([*RESUMABLE, "--resume", os.path.dirname(checkpoint)], tmp_path / "killed")
     assert "update 12/12" in result.stdout
     (alone_model, alone_logged), (resumed_model, resumed_logged) = (
