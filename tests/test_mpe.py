@@ -360,6 +360,38 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, monkeypatch):
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
 
 
+def test_a_bare_resume_keeps_every_flag_of_the_run(tmp_path, monkeypatch):
+    """--resume RUN alone continues the run as it was started: every flag keeps the run's value, the RESUME_FLAGS
+    (--total-timesteps, --eval-interval, --checkpoint-interval, ...) included; only a flag given now changes one."""
+    flags = ["--num-agents", "3", "--eval-interval", "1", "--checkpoint-interval", "1", "--torch-threads", "2", *TINY]
+    run(flags, tmp_path)
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["args"] |= {"track": True, "cuda": True}  # as a run started with them would have it
+    defaults = maipg_mpe.Args()
+    assert all(saved["args"][name] != getattr(defaults, name) for name in maipg_mpe.RESUME_FLAGS), "no flag to keep"
+    for given in ([], ["--total-timesteps", "300"]):
+        argv = ["--resume", os.path.dirname(checkpoint), *given]
+        monkeypatch.setattr(sys, "argv", ["maipg_mpe.py", *argv])
+        resumed = maipg_mpe.resume_args(maipg_mpe.tyro.cli(maipg_mpe.Args, args=argv), saved)
+        expected = {**saved["args"], "total_timesteps": 300 if given else 150}
+        assert {name: getattr(resumed, name) for name in expected if name != "resume"} == {
+            name: value for name, value in expected.items() if name != "resume"
+        }
+    # from the command line: the finished run stays finished (not resumed towards the default 10,000,000 steps)
+    try:
+        result = subprocess.run(
+            [sys.executable, SCRIPT, "--resume", os.path.dirname(checkpoint)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a bare --resume of a finished run went on training")
+    assert result.returncode == 0 and "done: 150 env steps" in result.stdout, result.stdout + result.stderr
+
+
 def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
     run(["--num-agents", "3", "--checkpoint-interval", "1", *TINY], tmp_path)
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
