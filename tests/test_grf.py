@@ -128,13 +128,14 @@ def gfootball():
         pytest.skip(GFOOTBALL_MISSING)
 
 
-def run(args, cwd, check=True, env=None):
+def run(args, cwd, check=True, env=None, timeout=None):
     result = subprocess.run(
         [sys.executable, SCRIPT, *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -623,3 +624,21 @@ def test_bad_resume_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_bare_resume_keeps_every_flag_of_the_run(tmp_path):
+    """--resume RUN and no other flag: every flag keeps the run's value, those that may be given on --resume too. A
+    finished run resumed bare runs no update (its --total-timesteps), and the model it saves holds the run's
+    --eval-interval, --checkpoint-interval, --num-workers, --env-timeout and --torch-threads, not their defaults."""
+    env = stub_gfootball(tmp_path)
+    flags = ["--num-envs", "2", "--num-steps", "16", "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--update-epochs", "1"]
+    flags += ["--eval-interval", "2", "--eval-episodes", "2", "--checkpoint-interval", "1", "--save-model"]
+    own = {"num_workers": 1, "env_timeout": 50.0, "torch_threads": 2}
+    run([*flags, "--num-workers", "1", "--env-timeout", "50", "--torch-threads", "2"], tmp_path, env=env)
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    os.remove(os.path.join(run_dir, "maipg_grf.pt"))
+    result = run(["--resume", run_dir], tmp_path, env=env, timeout=60)  # with the defaults it would train 25M steps
+    assert "update " not in result.stdout and f"done: {2 * STUB_UPDATE_STEPS} env steps" in result.stdout
+    args = saved_model(tmp_path)["args"]
+    kept = {"total_timesteps": 2 * STUB_UPDATE_STEPS, "eval_interval": 2, "checkpoint_interval": 1, "save_model": True}
+    assert {name: args[name] for name in {**kept, **own}} == {**kept, **own}
