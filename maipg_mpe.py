@@ -66,7 +66,8 @@ class Args:
     resume: str | None = None
     """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (bit
     for bit on the NumPy port), with its own flags; only --total-timesteps, --eval-interval, --checkpoint-interval,
-    --track, --cuda and --torch-threads may be given to change them"""
+    --track, --cuda, --torch-threads and --save-model (an output: a run started without it can save its model) may be
+    given to change them"""
 
     # Environment
     task: str = "spread"
@@ -862,7 +863,8 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
 
 # what --save-model writes, with the args
 MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+# the flags a resumed run may change: where and how often it reports and saves, how long it runs, where it computes
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 
 
 def load_checkpoint(path: str, script: str) -> tuple[str, dict]:

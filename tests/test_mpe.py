@@ -363,7 +363,8 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tmp_path, monkeypatch):
 def test_a_bare_resume_keeps_every_flag_of_the_run(tmp_path, monkeypatch):
     """--resume RUN alone continues the run as it was started: every flag keeps the run's value, the RESUME_FLAGS
     (--total-timesteps, --eval-interval, --checkpoint-interval, ...) included; only a flag given now changes one."""
-    flags = ["--num-agents", "3", "--eval-interval", "1", "--checkpoint-interval", "1", "--torch-threads", "2", *TINY]
+    flags = ["--num-agents", "3", "--eval-interval", "1", "--checkpoint-interval", "1", "--torch-threads", "2"]
+    flags += ["--save-model", *TINY]
     run(flags, tmp_path)
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
     saved = torch.load(checkpoint, weights_only=False)
@@ -390,6 +391,16 @@ def test_a_bare_resume_keeps_every_flag_of_the_run(tmp_path, monkeypatch):
     except subprocess.TimeoutExpired:
         pytest.fail("a bare --resume of a finished run went on training")
     assert result.returncode == 0 and "done: 150 env steps" in result.stdout, result.stdout + result.stderr
+
+
+def test_save_model_may_be_given_on_resume(tmp_path):
+    """--save-model is an output, not a setting of the run: a run started without it can save its model when resumed."""
+    run(["--num-agents", "3", "--checkpoint-interval", "1", *TINY], tmp_path)
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
+    assert not glob.glob(os.path.join(tmp_path, "runs", "*", "maipg_mpe.pt"))
+    result = run(["--resume", checkpoint, "--total-timesteps", "225", "--save-model"], tmp_path)
+    assert "update 3/3" in result.stdout and "model saved to" in result.stdout
+    assert saved_model(tmp_path)["args"]["total_timesteps"] == 225
 
 
 def test_bad_resume_is_one_line(tmp_path, monkeypatch, capsys):
