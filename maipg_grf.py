@@ -485,7 +485,9 @@ def reset_football_env(env, rng: np.random.Generator, num_agents: int) -> np.nda
 def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
     """The body of one env process: holds one env per seed and answers FootballEnvs' commands over pipe."""
     main_pipe.close()  # the main process's end (copied by fork): once that process is gone, pipe.recv() raises EOFError
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process; its exit then stops this one
+    # Ctrl-C, and a SIGTERM to the process group (Slurm), are for the main process: it checkpoints, then closes this one
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     n, num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
     envs = [make_football_env(scenario, seed) for seed in seeds]
     rngs = [np.random.default_rng(seed) for seed in seeds]  # per-episode engine seeds, independent of --num-workers
@@ -550,6 +552,9 @@ class FootballEnvs:
             self.processes[-1].start()
             worker_pipe.close()
             self.pipes.append(pipe)
+        # the workers ignore SIGTERM, so multiprocessing's own clean-up at exit (terminate(), then join()) would wait on
+        # them forever: a run that stops early (a dead env process, a non-finite loss) closes them first
+        atexit.register(self.close)
 
     def send(self, worker: int, command: str, data=None):
         try:
@@ -567,9 +572,9 @@ class FootballEnvs:
         self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
 
     def fail(self, worker: int, problem: str):
-        """Terminates every worker (the envs are out of step now) and raises EnvProcessError naming this one."""
+        """Kills every worker (the envs are out of step now) and raises EnvProcessError naming this one."""
         for process in self.processes:
-            process.terminate()  # nothing for a process that has ended
+            process.kill()  # SIGKILL: the workers ignore SIGTERM; nothing for a process that has ended
         for process in self.processes:
             process.join(timeout=10)
         if problem == "died":
@@ -601,14 +606,15 @@ class FootballEnvs:
         return frame
 
     def close(self):
-        """Each worker closes its engines; one that has died is skipped, one that hangs is terminated after 10 s."""
+        """Each worker closes its engines; one that has died is skipped, one that hangs is killed after 10 s."""
+        atexit.unregister(self.close)
         for pipe in self.pipes:
             with contextlib.suppress(OSError):  # a broken pipe: that worker has ended
                 pipe.send(("close", None))
         for process in self.processes:
             process.join(timeout=10)
             if process.is_alive():
-                process.terminate()
+                process.kill()
                 process.join()
 
 
@@ -1034,7 +1040,7 @@ if __name__ == "__main__":
         global_step, start_update, last_return, last_success, eval_success = restore_checkpoint(
             checkpoint, stateful, diagnostics_rng
         )
-    # the handlers come after the env processes are forked: SIGTERM still ends those (terminate()), SIGINT they ignore
+    # the env processes ignore SIGTERM and SIGINT: the main process checkpoints, then closes them
     start_step, preemption = global_step, Preemption()
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 

@@ -564,10 +564,13 @@ def test_resumed_envs_draw_engine_seeds_of_their_own():
     assert after_3 == maipg_grf.resumed_seeds(fresh, 3)  # reproducible: a second resume from it draws the same
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM to the main process", "SIGINT to the process group"])
+@pytest.mark.parametrize(
+    "stop", ["SIGTERM to the main process", "SIGTERM to the process group", "SIGINT to the process group"]
+)
 def test_a_signal_checkpoints_closes_the_env_processes_exits_0_and_resumes(tmp_path, stop):
-    """Slurm's SIGTERM reaches the main process only, Ctrl-C's SIGINT the whole process group, env processes included:
-    those ignore it, so the main process ends the update, checkpoints, closes them and exits 0; the run then resumes."""
+    """Slurm's SIGTERM reaches the main process, or every process of the job step; Ctrl-C's SIGINT the whole process
+    group. The env processes ignore both, so the main process ends the update, checkpoints, closes them and exits 0;
+    the run then resumes."""
     env = stub_gfootball(tmp_path)
     flags = [*STUB_RUN[:-2], "--eval-interval", "0", "--update-epochs", "2", "--checkpoint-interval", "0"]
     process = subprocess.Popen(
@@ -577,14 +580,15 @@ def test_a_signal_checkpoints_closes_the_env_processes_exits_0_and_resumes(tmp_p
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-        start_new_session=True,  # its own process group, which the SIGINT goes to
+        start_new_session=True,  # its own process group, which a signal to the group goes to
     )
     first_line = process.stdout.readline()  # printed after update 1: the loop is running
     assert first_line.startswith("update 1/1000"), first_line + process.stderr.read()
-    if stop.startswith("SIGTERM"):
-        process.send_signal(signal.SIGTERM)
+    signum = signal.Signals[stop.split()[0]]
+    if stop.endswith("group"):
+        os.killpg(process.pid, signum)
     else:
-        os.killpg(process.pid, signal.SIGINT)
+        process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and stderr == "", stderr
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
