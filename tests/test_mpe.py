@@ -204,6 +204,20 @@ def test_the_training_loop_divides_l_dpg_by_the_raw_advantages_std(dpg_scale, tm
             assert torch.equal(divided, dpg / divisor)
 
 
+def test_log_grad_var_does_not_change_training(tmp_path):
+    """--log-grad-var is a diagnostic: at nu > 0 its extra actor losses draw their own Gumbel noise, so the run trains
+    exactly as it does without it (the same saved weights)."""
+    common = ["--task", "spread", "--num-agents", "3", "--save-model", "--eval-interval", "0", "--nu", "0.5"]
+    models = {}
+    for name, extra in {"plain": [], "grad_var": ["--log-grad-var"]}.items():
+        os.makedirs(tmp_path / name)
+        run([*common, "--nu-warmup", "0", *extra, *TINY], tmp_path / name)
+        models[name] = saved_model(tmp_path / name)
+    for part in maipg_mpe.MODEL_PARTS:
+        for key, value in models["plain"][part].items():
+            assert torch.equal(value, models["grad_var"][part][key]), f"--log-grad-var changed {part}.{key}"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
