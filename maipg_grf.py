@@ -67,8 +67,8 @@ class Args:
     resume: str | None = None
     """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
     episodes start afresh: gfootball's engines cannot be saved) with the run's own flags; only --total-timesteps,
-    --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads, --num-workers and --env-timeout may be
-    given, to change them"""
+    --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads, --num-workers, --env-timeout and
+    --save-model (an output: a run started without it can still save its final model) may be given, to change them"""
 
     # Environment
     scenario: str = "academy_3_vs_1_with_keeper"
@@ -813,8 +813,9 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
 
 # what --save-model writes, with the args
 MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
-# num_workers and env_timeout are operational: each env's engine seeds do not depend on the env process it runs in
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+# save_model is an output, not a setting of the run; num_workers and env_timeout are operational: each env's engine
+# seeds do not depend on the env process it runs in
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 RESUME_FLAGS += ("num_workers", "env_timeout")
 
 

@@ -653,3 +653,13 @@ def test_log_grad_var_leaves_training_unchanged(tmp_path):
     without it, the same seed trains the same networks, bit for bit."""
     runs = stub_models(tmp_path, {"plain": [], "grad_var": ["--log-grad-var"]}, "--nu", "0.5", "--nu-warmup", "0")
     assert_same_tensors(runs["plain"], runs["grad_var"], maipg_grf.MODEL_PARTS)
+
+
+def test_save_model_may_be_given_on_resume(tmp_path):
+    """--save-model is an output, not a setting of the run: a run started without it, resumed with it, saves its model."""
+    env = stub_gfootball(tmp_path)
+    run([*TINY, "--eval-interval", "0", "--checkpoint-interval", "1"], tmp_path, env=env)
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    assert not os.path.exists(os.path.join(run_dir, "maipg_grf.pt"))
+    result = run(["--resume", run_dir, "--save-model"], tmp_path, env=env, timeout=120)
+    assert "model saved to" in result.stdout and saved_model(tmp_path)["args"]["save_model"]
