@@ -218,6 +218,29 @@ def test_log_grad_var_does_not_change_training(tmp_path):
             assert torch.equal(value, models["grad_var"][part][key]), f"--log-grad-var changed {part}.{key}"
 
 
+def test_l_dpg_weighs_each_alive_agent_as_eq_10_does():
+    """L_dpg = -Q_tot / N_alive at each step, so that per alive agent the terms weigh (1 - nu) : nu like L_clip's mean
+    over alive agent-steps: with agents dead each alive agent's gradient is 1 / n_alive of its step's; with all alive
+    it is the mean over N, bit for bit (so MPE's runs, where no agent dies, are unchanged)."""
+    torch.manual_seed(0)
+    T, N, A = 4, 3, 5
+    q_values, state = torch.randn(T, N, A), torch.randn(T, 2)
+    mu = torch.nn.functional.one_hot(torch.randint(0, A, (T, N)), A).float().requires_grad_()
+    value_norm = maipg_mpe.ValueNorm()
+    value_norm.update(torch.randn(100) * 5 - 3)
+    mixer, weights = maipg_mpe.VDNMixer(), torch.ones(T)
+    q_tot = value_norm.denormalize((mu * q_values).sum(-1).sum(-1))
+    all_alive = maipg_mpe.dpg_loss(mu, q_values, state, mixer, weights, torch.ones(T, N), value_norm)
+    assert torch.equal(all_alive, -maipg_mpe.weighted_mean(q_tot, weights) / N)
+    active_masks = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 1]])
+    loss = maipg_mpe.dpg_loss(mu, q_values, state, mixer, weights, active_masks, value_norm)
+    n_alive = active_masks.sum(-1)
+    torch.testing.assert_close(loss, -(q_tot / n_alive).mean())
+    (grad,) = torch.autograd.grad(loss, mu)
+    scale = value_norm.mean_var()[1].sqrt()
+    torch.testing.assert_close(grad, -scale * q_values / (T * n_alive[:, None, None]))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
