@@ -663,3 +663,17 @@ def test_save_model_may_be_given_on_resume(tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "maipg_grf.pt"))
     result = run(["--resume", run_dir, "--save-model"], tmp_path, env=env, timeout=120)
     assert "model saved to" in result.stdout and saved_model(tmp_path)["args"]["save_model"]
+
+
+def test_dpg_loss_weighs_each_alive_agent_as_eq_10():
+    """L_dpg per alive agent: at a step with n agents alive, each alive agent's gradient through mu is 1 / n of the raw
+    Q_tot gradient (as L_clip, a mean over alive agent-steps, weighs it); with every agent alive the divisor is N."""
+    torch.manual_seed(0)
+    q_values, state, value_norm = torch.randn(2, 3, 4), torch.zeros(2, 5), maipg_grf.ValueNorm()
+    scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
+    active_masks = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # step 1: agent 1 is dead
+    mu = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2], [3, 0, 1]]), 4).float().requires_grad_()
+    loss = maipg_grf.dpg_loss(mu, q_values, state, maipg_grf.VDNMixer(), torch.ones(2), active_masks, value_norm)
+    (grad,) = torch.autograd.grad(loss, mu)
+    alive = torch.tensor([3.0, 2.0]).view(2, 1, 1)
+    torch.testing.assert_close(grad, -scale * q_values / alive / 2)  # / 2: the mean over the 2 steps
