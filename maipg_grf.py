@@ -376,7 +376,7 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def dpg_loss(mu, q_values, state, mixer, weights, active_masks, value_norm):  # noqa: F811
+def dpg_loss(mu, q_values, state, mixer, weights, active_masks, value_norm):
     """L_dpg = -Q_tot(s, mu(o)) / N_alive in reward units (eq. (10), second term). L_clip is a mean over alive
     agent-steps, so Q_tot is divided at each step by the number of agents alive there: per alive agent the two terms
     weigh (1 - nu) : nu as in eq. (10) (where every agent lives the factor is exactly 1 and the divisor is N).
@@ -732,7 +732,7 @@ def rollout_diagnostics(
     return stats
 
 
-def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args, k=8):  # noqa: F811
+def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args, k=8):
     """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks. Its
     Gumbel draws come from a forked generator, so logging it leaves training's random numbers as they were."""
     n_chunks = mb["valid"].shape[1]
