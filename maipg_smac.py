@@ -905,7 +905,8 @@ def load_checkpoint(path: str, script: str) -> tuple[str, dict]:
 
 
 def resume_args(args: Args, checkpoint: dict) -> Args:
-    """The resumed run's Args: its own, but for RESUME_FLAGS; a flag given now that would change the run is refused."""
+    """The resumed run's Args: its own, but for the RESUME_FLAGS given on the command line; a flag given now that would
+    change the run is refused."""
     saved = checkpoint["args"]
     given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
     given |= {name[3:] for name in given if name.startswith("no_")}  # --no-recurrent sets recurrent
@@ -913,7 +914,8 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
         if getattr(args, name) != saved[name]:
             allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_FLAGS)
             fail(f"--{name.replace('_', '-')} cannot change on --resume (the run has {saved[name]!r}); only {allowed} can")
-    return Args(**{**saved, **{name: getattr(args, name) for name in RESUME_FLAGS}, "resume": args.resume})
+    keep = given & set(RESUME_FLAGS)  # a flag not given keeps the run's value
+    return Args(**{**saved, **{name: getattr(args, name) for name in sorted(keep)}, "resume": args.resume})
 
 
 def rng_states(generators: dict) -> dict:

@@ -3,6 +3,7 @@ worker and pipe code driven by a stand-in for StarCraft2Env (tests/sc2_standin.p
 one-line errors, and checkpoints: a SIGKILLed SMAX run resumed is the uninterrupted run; SIGTERM and Ctrl-C checkpoint and
 exit 0, and a stand-in run resumes with its episodes afresh; bad --resume is one line."""
 
+import contextlib
 import glob
 import os
 import shutil
@@ -410,6 +411,45 @@ def test_a_signal_checkpoints_exits_0_and_the_sc2_run_resumes_afresh(tmp_path, f
     ]
     assert f"update {stopped_at + 1}/{stopped_at + 1}" in result.stdout and "done:" in result.stdout
     assert torch.load(checkpoint, weights_only=False)["update"] == stopped_at + 1
+
+
+SC2_RUN = ["--map", "3m", "--num-envs", "2", "--num-steps", "20", "--update-epochs", "1", "--eval-episodes", "2"]
+SC2_RUN += ["--total-timesteps", "120", "--eval-interval", "2", "--checkpoint-interval", "2", "--torch-threads", "2"]
+
+
+def checkpointed_sc2_run(tmp_path, fake_game):
+    """A finished stand-in run of 3 updates whose checkpoint holds update 2 (--checkpoint-interval 2). -> its folder"""
+    run(SC2_RUN, str(tmp_path), **fake_game)
+    (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "3m__*", "checkpoint.pt"))
+    assert torch.load(checkpoint, weights_only=False)["update"] == 2
+    return os.path.dirname(checkpoint)
+
+
+def test_a_bare_resume_keeps_every_flag_of_the_run(tmp_path, fake_game, monkeypatch):
+    """`--resume RUN` and no other flag continues the run as it was started: it does update 3 of 3 and stops (not
+    update 3 of 250,000 at the default --total-timesteps), and every RESUME_FLAG keeps the run's value unless given."""
+    run_dir = checkpointed_sc2_run(tmp_path, fake_game)
+    process = start(["--resume", run_dir], tmp_path, **fake_game)
+    try:
+        line = next((line for line in process.stdout if line.startswith("update ")), "")
+        assert line.startswith("update 3/3 "), line
+        assert "done: 120 env steps" in process.stdout.read()  # (communicate() would skip what the loop buffered)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    _, checkpoint = maipg_smac.load_checkpoint(run_dir, "maipg_smac.py")
+    checkpoint["args"] |= {"track": True, "cuda": True}  # as a run started with them would have saved them
+
+    def resumed(*flags):
+        monkeypatch.setattr(sys, "argv", ["maipg_smac.py", "--resume", run_dir, *flags])
+        return maipg_smac.resume_args(maipg_smac.tyro.cli(maipg_smac.Args, args=sys.argv[1:]), checkpoint)
+
+    args = resumed()
+    assert all(getattr(args, name) == checkpoint["args"][name] for name in maipg_smac.RESUME_FLAGS)
+    assert (args.total_timesteps, args.eval_interval, args.checkpoint_interval, args.torch_threads) == (120, 2, 2, 2)
+    assert (args.track, args.cuda) == (True, True)
+    assert resumed("--total-timesteps", "160", "--no-track").total_timesteps == 160 and not resumed("--no-track").track
 
 
 def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
