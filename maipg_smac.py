@@ -15,6 +15,8 @@ SMAC's); `auto` takes sc2 when the game and the map are found, else smax. Flags 
 3 by difficulty, MAPPO's per-map scripts where the paper is silent); a flag given on the command line beats the preset.
 """
 
+import atexit
+import contextlib
 import copy
 import functools
 import multiprocessing as mp
@@ -569,10 +571,11 @@ def make_starcraft2_env(map_name: str, seed: int):
 
 def sc2_worker(remote, parent_remote, env_factory):
     """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
-    # Ctrl-C's SIGINT reaches the whole process group: the main process checkpoints, then closes the workers. Ignored
-    # here, and so in the game this worker starts (an ignored signal stays ignored across exec, unless the game
-    # handles it itself).
+    # Ctrl-C's SIGINT, and Slurm's SIGTERM, may reach the whole process group: the main process checkpoints, then
+    # closes the workers. Both are ignored here, and so in the game this worker starts (an ignored signal stays ignored
+    # across exec, unless the game handles it itself).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent_remote.close()
     env = env_factory()
 
@@ -614,6 +617,7 @@ class Sc2Envs:
             self.processes.append(ctx.Process(target=sc2_worker, args=(work_remote, remote, factory), daemon=True))
             self.processes[-1].start()
             work_remote.close()
+        atexit.register(self.kill)  # runs before multiprocessing's own exit handler, whose terminate() they ignore
         self.remotes[0].send(("get_env_info", None))
         info = self.remotes[0].recv()
         self.num_envs, self.num_agents = len(seeds), info["n_agents"]
@@ -635,10 +639,20 @@ class Sc2Envs:
         return EnvStep(obs, state, avail, alive, rewards.astype(np.float32), dones, won)
 
     def close(self):
+        """Each worker closes its game; one that has died is skipped, one that hangs is killed after 30 s."""
         for remote in self.remotes:
-            remote.send(("close", None))
+            with contextlib.suppress(OSError):  # a broken pipe: that worker has ended
+                remote.send(("close", None))
         for process in self.processes:
-            process.join()
+            process.join(timeout=30)
+        self.kill()
+
+    def kill(self):
+        """SIGKILL to the workers still alive: they ignore SIGTERM, so terminate() would not end them."""
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def sc2_problem(map_name: str) -> str | None:

@@ -121,6 +121,26 @@ def test_sc2_workers_and_pipes_with_the_standin():
     assert not any(process.is_alive() for process in envs.processes)
 
 
+def test_sc2_workers_ignore_sigterm_and_still_close():
+    """A signal to the process group must leave the workers (and the games they start) to the main process, which
+    checkpoints and then closes them: they ignore SIGTERM, close() still ends them, and so does an exit without close()
+    (multiprocessing's terminate() at exit would not, and its join would wait forever)."""
+    envs = maipg_smac.Sc2Envs("3m", [0, 1], env_factory=sc2_standin.StarCraft2Env)
+    try:
+        envs.reset()  # every worker is up
+        for process in envs.processes:
+            os.kill(process.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(process.is_alive() for process in envs.processes)
+        envs.reset()  # and still serves
+    finally:
+        envs.close()
+    assert not any(process.is_alive() for process in envs.processes)
+    code = "import sys, maipg_smac, sc2_standin as s; maipg_smac.Sc2Envs('3m', [0], env_factory=s.StarCraft2Env); sys.exit(3)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TESTS])}
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 3
+
+
 def test_sc2_smoke_run_through_workers(tmp_path, fake_game):
     """The whole sc2 path: auto finds `smac`, $SC2PATH/Versions and the map, then workers built by the script's own
     factory (absl flags, `from smac.env import StarCraft2Env`) play the stand-in; an unavailable action would raise."""
@@ -382,18 +402,22 @@ def test_a_killed_and_resumed_smax_run_is_the_uninterrupted_run(smax_dir):
             shutil.rmtree(run_dir)
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the script", "SIGINT to its group (Ctrl-C)"])
-def test_a_signal_checkpoints_exits_0_and_the_sc2_run_resumes_afresh(tmp_path, fake_game, to_group):
-    """SIGTERM to the script (Slurm, sweep.py) or SIGINT to its whole process group (Ctrl-C, which reaches the SC2
-    workers too, which ignore it): the script checkpoints at the end of the update, closes its workers and exits 0
-    naming the checkpoint; --resume completes the run, StarCraft II's episodes starting afresh (said in one line)."""
+@pytest.mark.parametrize(
+    "signum, to_group",
+    [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+    ids=["SIGTERM to the script", "SIGINT to its group (Ctrl-C)", "SIGTERM to its group (Slurm)"],
+)
+def test_a_signal_checkpoints_exits_0_and_the_sc2_run_resumes_afresh(tmp_path, fake_game, signum, to_group):
+    """SIGTERM to the script (sweep.py), SIGINT to its whole process group (Ctrl-C) or SIGTERM to the group (Slurm may
+    signal every process of a job step): the signal reaches the SC2 workers too, which ignore it; the script checkpoints
+    at the end of the update, closes its workers and exits 0 naming the checkpoint; --resume completes the run,
+    StarCraft II's episodes starting afresh (said in one line)."""
     flags = ["--map", "3m", "--num-envs", "2", "--num-steps", "20", "--update-epochs", "1", "--eval-interval", "0"]
     process = start([*flags, "--checkpoint-interval", "0", "--total-timesteps", "400000"], tmp_path, **fake_game)
     line = ""
     while not line.startswith("update ") and process.poll() is None:
         line = process.stdout.readline()  # update 1 is printed after it ends: the loop is running
     assert line.startswith("update 1/10000"), line + process.stderr.read()
-    signum = signal.SIGINT if to_group else signal.SIGTERM
     os.killpg(process.pid, signum) if to_group else process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and not stderr, stderr  # the workers too stopped without a traceback
