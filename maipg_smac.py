@@ -780,14 +780,18 @@ def rollout_diagnostics(
 
 
 def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks."""
+    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks. Its
+    Gumbel draws come from a forked generator, so logging it leaves training's random numbers as they were."""
     n_chunks = mb["valid"].shape[1]
     group = torch.arange(n_chunks, device=logits.device) % min(k, n_chunks)  # chunk -> sub-batch
     grads = []
-    for g in range(min(k, n_chunks)):
-        sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = actor_loss(logits, sub_batch, q_values, mixer, value_norm, nu, dpg_scale, args)
-        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
+    with torch.random.fork_rng(devices=[logits.device] if logits.is_cuda else []):
+        for g in range(min(k, n_chunks)):
+            sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
+            loss, _ = actor_loss(logits, sub_batch, q_values, mixer, value_norm, nu, dpg_scale, args)
+            grads.append(
+                torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)])
+            )
     return grad_variance(torch.stack(grads))
 
 

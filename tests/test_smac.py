@@ -242,6 +242,19 @@ def test_nu_zero_is_mappo(smax_dir):
     assert not torch.equal(runs["nu_qmix"]["actor"]["head.weight"], runs["nu_vdn"]["actor"]["head.weight"])
 
 
+def test_log_grad_var_leaves_training_as_it_was(smax_dir):
+    """diagnostics/grad_var's 8 extra actor losses draw Gumbel noise of their own: with nu > 0 from the first update the
+    run's weights are the same with and without --log-grad-var."""
+    common = ["--map", "3m", "--env-backend", "smax", "--save-model", "--eval-interval", "0", "--nu", "0.5", *TINY]
+    models = {}
+    for name in ("plain", "grad_var"):
+        run([*common, "--nu-warmup", "0", "--exp-name", name, *(["--log-grad-var"] if name == "grad_var" else [])], smax_dir)
+        models[name] = saved_model(smax_dir, "3m", name)
+    for part in maipg_smac.MODEL_PARTS:
+        for key, value in models["plain"][part].items():
+            assert torch.equal(value, models["grad_var"][part][key]), f"--log-grad-var changed {part}.{key}"
+
+
 def test_smax_masking_holds_over_many_steps(smax_dir):
     envs = maipg_smac.SmaxEnvs("3m", 2, 0, os.path.join(smax_dir, "runs", "jax_cache"))
     state = envs.reset().state  # on SMAC's scale: raw SMAX positions (up to 32) would swamp the QMIX hypernetworks
