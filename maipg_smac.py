@@ -65,8 +65,9 @@ class Args:
     """write the training state to runs/{run_name}/checkpoint.pt every this many updates (0: never) and on SIGTERM/SIGINT"""
     resume: str | None = None
     """a checkpoint.pt, or its run folder: continue that run in its folder (bit for bit on SMAX; StarCraft II's episodes
-    start afresh); only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads may
-    differ from the run's own flags"""
+    start afresh) with the run's own flags; only --total-timesteps, --eval-interval, --checkpoint-interval, --track,
+    --cuda, --torch-threads and --save-model (an output: a run started without it can still save its model) may be
+    given to change them"""
 
     # Environment
     map: str = "2s3z"
@@ -901,7 +902,7 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
 
 
 MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
-RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads")
+RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 
 
 def load_checkpoint(path: str, script: str) -> tuple[str, dict]:

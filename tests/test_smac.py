@@ -489,6 +489,14 @@ def test_a_bare_resume_keeps_every_flag_of_the_run(tmp_path, fake_game, monkeypa
     assert resumed("--total-timesteps", "160", "--no-track").total_timesteps == 160 and not resumed("--no-track").track
 
 
+def test_save_model_may_be_given_on_resume(tmp_path, fake_game):
+    """A run started without --save-model can still save its final model: --save-model is an output, not a setting."""
+    run_dir = checkpointed_sc2_run(tmp_path, fake_game)
+    result = run(["--resume", run_dir, "--save-model"], str(tmp_path), **fake_game)
+    assert f"model saved to {os.path.join(run_dir, 'maipg_smac.pt')}" in result.stdout
+    assert os.path.isfile(os.path.join(run_dir, "maipg_smac.pt"))
+
+
 def test_bad_resume_is_one_line(tmp_path, fake_game, capsys, monkeypatch):
     run(["--map", "3m", "--eval-interval", "0", "--checkpoint-interval", "1", *TINY], str(tmp_path), **fake_game)
     (checkpoint,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
