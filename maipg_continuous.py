@@ -8,9 +8,9 @@ deterministic, low-variance term: the actor minimises
 where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N: eq. (10)
 weighs the two terms (1 - nu) : nu per agent), Q_tot is a factorized Q-function (per-agent Q_i mixed by QMIX or VDN)
 learned with TD(lambda), and mu is the deterministic policy: for continuous actions the mean of the Gaussian pi_i
-(section 3.2), so L_dpg's gradient flows through the mean as in DDPG. nu trades bias for variance: nu = 0
-is exactly MAPPO, larger nu leans on the learned Q_tot. The paper reports no continuous-control setting: every
-hyper-parameter below that differs from MAPPO's defaults is our choice.
+(section 3.2), so L_dpg's gradient flows through the mean as in DDPG. nu trades bias for variance: nu = 0 is exactly
+MAPPO, larger nu leans on the learned Q_tot. The paper reports no continuous-control setting: every hyper-parameter
+below that differs from MAPPO's defaults is our choice.
 
     python maipg_continuous.py --env HalfCheetah --agent-conf 2x3              # our default setting, nu = 0.01
     python maipg_continuous.py --env Humanoid --agent-conf "9|8" --nu 0         # MAPPO on the same code
@@ -63,21 +63,18 @@ class Args:
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
     checkpoint_interval: int = 200
-    """write the training state to runs/{run_name}/checkpoint.pt every this many updates (200: about 11 minutes on one
-    CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    """save runs/{run_name}/checkpoint.pt every this many updates (200: ~11 min; 0: never) and on SIGTERM or SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
-    envs' episodes start afresh), with the run's own flags; only --total-timesteps, --eval-interval,
-    --checkpoint-interval, --track, --cuda, --torch-threads and --save-model (an output) may be given to change them"""
+    """a checkpoint.pt or its run folder: continue that run there with its own flags (the envs' episodes start afresh);
+    only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads, --save-model can"""
 
     # Environment
     env: str = "HalfCheetah"
     """the Multi-Agent MuJoCo robot: HalfCheetah, Ant, Walker2d, Hopper or Humanoid"""
     agent_conf: str = "2x3"
-    """how the robot's joints are split among agents (e.g. HalfCheetah 2x3 or 6x1, Ant 2x4, 2x4d or 4x2, Walker2d 2x3,
-    Hopper 3x1, Humanoid 9|8)"""
+    """the joints' split among agents: HalfCheetah 2x3 or 6x1, Ant 2x4, 2x4d or 4x2, Walker2d 2x3, Hopper 3x1, Humanoid 9|8"""
     max_episode_steps: int = 1000
-    """the time limit of an episode in env steps (the benchmark's is 1000; all but HalfCheetah also end when it falls)"""
+    """the episode's time limit in env steps (the benchmark's: 1000; all but HalfCheetah also end when they fall)"""
     total_timesteps: int = 10_000_000
     """total env steps of training (one step of one env counts once, whatever the number of agents)"""
     num_envs: int = 8
@@ -96,11 +93,9 @@ class Args:
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
     dpg_scale: str = "raw"
-    """raw: L_dpg in reward units against normalised advantages; advantage: L_dpg divided by the rollout's
-    raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
+    """raw: L_dpg in reward units; advantage: L_dpg / the raw advantages' std (what normalises A), eq. (10)'s ratio"""
     nu_warmup: DisallowNone[int | None] = None
-    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
+    """env steps over which nu rises from 0 to --nu, so Q_hat fits first (unset: --total-timesteps / 5, fixed; 0: none)"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -201,8 +196,7 @@ class Actor(nn.Module):
         self.head = layer_init(nn.Linear(hidden_dim, act_dim), std=0.01)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
-    def forward(self, x, hidden, masks, act_mask):
-        """-> mean [L, *batch, act_dim] (0 on padded dimensions; mu_i of section 3.2), hidden [*batch, H]"""
+    def forward(self, x, hidden, masks, act_mask):  # -> mean [L, *batch, act_dim] (0 where padded; mu_i, section 3.2), hidden
         features, hidden = self.trunk(x, hidden, masks)
         return self.head(features) * act_mask, hidden
 
@@ -215,18 +209,15 @@ class Critic(nn.Module):
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
         self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
 
-    def forward(self, x, hidden, masks):
-        """-> values [L, *batch], hidden [*batch, H]"""
+    def forward(self, x, hidden, masks):  # -> values [L, *batch], hidden [*batch, H]
         features, hidden = self.trunk(x, hidden, masks)
         return self.head(features).squeeze(-1), hidden
 
 
 class AgentQ(nn.Module):
-    """Q_psi_i(s, a_i): the critic's trunk (App. D), with the action joining after the GRU. The recurrence never sees
-    actions, so one trunk pass serves Q_i at the actions taken, at mu(o) and at sampled actions. Q_i sees the action the
-    env executes, clipped to its bounds act_low, act_high [N, act_dim] (0 on padded dimensions): the Gaussian's samples
-    and mean are unbounded, and Q_i of an unclipped action would value a move the env never makes (and L_dpg push mu
-    along it)."""
+    """Q_psi_i(s, a_i): the critic's trunk (App. D), the action joining after the GRU: one trunk pass serves Q_i at the
+    actions taken, at mu(o) and at sampled ones. Q_i sees the action the env executes, clipped to act_low, act_high
+    (0 where padded): the Gaussian is unbounded, and Q_i of an unclipped action would value a move the env never makes."""
 
     def __init__(self, input_dim, act_dim, hidden_dim, recurrent, act_low, act_high):
         super().__init__()
@@ -237,16 +228,13 @@ class AgentQ(nn.Module):
         self.register_buffer("act_low", torch.as_tensor(act_low), persistent=False)  # from the env, not learned or saved
         self.register_buffer("act_high", torch.as_tensor(act_high), persistent=False)
 
-    def forward(self, x, hidden, masks):
-        """-> features [L, *batch, H] (the trunk's part of Q_i), hidden [*batch, H]"""
+    def forward(self, x, hidden, masks):  # -> features [L, *batch, H] (the trunk's part of Q_i), hidden [*batch, H]
         return self.trunk(x, hidden, masks)
 
-    def executed(self, actions):
-        """actions [*batch, N, act_dim] -> what the env executes: clip(a), whose gradient is 0 outside the bounds"""
+    def executed(self, actions):  # -> what the env executes: clip(a), whose gradient is 0 outside the bounds
         return torch.clamp(actions, self.act_low, self.act_high)
 
-    def q(self, features, actions):
-        """features [*batch, N, H], actions [*batch, N, act_dim] (unclipped) -> Q_i(s, clip(a_i)) [*batch, N]"""
+    def q(self, features, actions):  # [*batch, N, H], [*batch, N, act_dim] (unclipped) -> Q_i(s, clip(a_i)) [*batch, N]
         return self.head(torch.cat([features, self.executed(actions)], -1)).squeeze(-1)
 
 
@@ -348,18 +336,15 @@ def td_lambda_targets(rewards, q_tot_target, masks, gamma, td_lambda):
 
 
 def time_limit_rewards(rewards, final_values, time_limits, gamma):
-    """The rewards of GAE and TD(lambda): r_t + gamma * final_t where the episode hit the time limit at step t
-    (time_limits = 1; a time-limit end is not death, HARL bootstraps it on MuJoCo, and masks[t+1] = 0 stops the
-    recursion there), r_t elsewhere: where it terminated, and where it ran on (the rollout fills final_t for all envs).
-    rewards and time_limits [T, E], final_values [T, E, *]: V(o_final) per agent or Qhat'_tot(s_final, mu(o_final))"""
+    """The rewards of GAE and TD(lambda): r_t + gamma * final_t where the episode hit the time limit at step t (not death:
+    HARL bootstraps it on MuJoCo; masks[t+1] = 0 ends the recursion), r_t elsewhere. final_t: V(o_final) or Qhat'_tot."""
     extra_dims = (1,) * (final_values.dim() - rewards.dim())
     rewards, time_limits = rewards.view(*rewards.shape, *extra_dims), time_limits.view(*time_limits.shape, *extra_dims)
     return torch.where(time_limits.bool(), rewards + gamma * final_values, rewards)
 
 
 def time_limit_gae(rewards, values, masks, final_values, time_limits, gamma, gae_lambda):
-    """The shared gae on time_limit_rewards, one call per agent as each agent's V(o_final) differs. rewards [T, E],
-    values [T+1, E, N] and final_values [T, E, N] (denormalised), masks [T+1, E], time_limits [T, E] -> [T, E, N]"""
+    """The shared gae on time_limit_rewards, one call per agent as each agent's V(o_final) differs. -> [T, E, N]"""
     bootstrapped = time_limit_rewards(rewards, final_values, time_limits, gamma)  # [T, E, N]
     per_agent = [gae(bootstrapped[..., i], values[..., i : i + 1], masks, gamma, gae_lambda) for i in range(values.shape[-1])]
     return torch.cat(per_agent, -1)
@@ -373,8 +358,7 @@ def normalize_advantages(raw_advantages, weights):
 
 
 def gaussian_log_prob_entropy(mean, log_std, actions, act_mask):
-    """log pi(a | o) and the entropy of the diagonal Gaussian, summed over the real action dimensions only (padded
-    ones carry neither). mean and actions [*batch, act_dim], log_std [act_dim], act_mask [N, act_dim] -> two [*batch]"""
+    """log pi(a | o) and the entropy of the diagonal Gaussian, summed over the real (unpadded) action dimensions."""
     dist = Normal(mean, log_std.exp().expand_as(mean), validate_args=False)  # NaNs reach the loss check
     return (dist.log_prob(actions) * act_mask).sum(-1), (dist.entropy() * act_mask).sum(-1)
 
@@ -401,11 +385,8 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
 
 
 def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights, value_norm):
-    """L_dpg = -Q_tot(s, clip(mu(o))) / N in reward units (eq. (10), second term: divided by the number of agents N, as
-    L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)), with mu = the
-    Gaussian mean [*batch, N, act_dim], clipped as the env clips it (no gradient along a dimension beyond its bound).
-    q_features [*batch, N, H] (AgentQ's trunk), state [*batch, S], weights [*batch]. The Q-network and mixer enter as
-    constants, so the gradient reaches only the actor, through mu (its mean head and trunk; not the log-std)."""
+    """L_dpg = -Q_tot(s, clip(mu(o))) / N in reward units (eq. (10); / N as L_clip is a mean over agents, so that per agent
+    the terms weigh (1 - nu) : nu), mu the Gaussian mean. Q and the mixer are constants: the gradient reaches mu only."""
     frozen_head = {name: param.detach() for name, param in agent_q.head.named_parameters()}
     head_input = torch.cat([q_features.detach(), agent_q.executed(mu)], -1)
     agent_qs = torch.func.functional_call(agent_q.head, frozen_head, (head_input,))
@@ -415,17 +396,14 @@ def gaussian_dpg_loss(mu, q_features, state, agent_q, mixer, weights, value_norm
 
 
 def gaussian_actor_loss(mean, log_std, mb, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, args):
-    """The interpolated actor loss of eq. (10) on a minibatch of chunks: (1 - nu) * L_clip + nu * L_dpg - c_ent * H,
-    L_dpg divided by dpg_scale (1, or the advantages' std). mean [L, B, N, act_dim], log_std [act_dim], q_features
-    [L, B, N, H], act_mask [N, act_dim]; mb holds the chunked rollout tensors. -> (loss, dict of its parts)"""
+    """Eq. (10) on a minibatch of chunks mb: (1 - nu) * L_clip + nu * L_dpg / dpg_scale - c_ent * H -> (loss, parts)"""
     weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]  # [L, B, N]
     logprobs, entropy = gaussian_log_prob_entropy(mean, log_std, mb["actions"], act_mask)  # [L, B, N], per agent
     pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
     entropy = weighted_mean(entropy, weights)
     dpg = torch.zeros(())
-    if nu > 0:  # nu = 0 skips the Q branch entirely, so the run is MAPPO's
-        mu = mean  # [L, B, N, act_dim], section 3.2's deterministic policy: the Gaussian mean, no noise drawn
-        dpg = gaussian_dpg_loss(mu, q_features, mb["state"], agent_q, mixer, mb["valid"], value_norm) / dpg_scale
+    if nu > 0:  # nu = 0 skips the Q branch entirely, so the run is MAPPO's. mu: the Gaussian mean (section 3.2)
+        dpg = gaussian_dpg_loss(mean, q_features, mb["state"], agent_q, mixer, mb["valid"], value_norm) / dpg_scale
     loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
     return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
@@ -450,21 +428,15 @@ def soft_update(target, source, tau):
             target_param.lerp_(param, tau)
 
 
-def one_hot_ids(num_agents, batch_shape, device):
-    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
-    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
-
-
 def actor_input(obs):
-    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
-    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+    """obs [*batch, N, D] -> the agent's observation ++ its one-hot id [*batch, N, D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([obs, torch.eye(num_agents, device=obs.device).expand(*obs.shape[:-2], num_agents, num_agents)], -1)
 
 
 def critic_input(obs, state):
-    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
-    -> [*batch, N, S + D + N]"""
-    num_agents = obs.shape[-2]
-    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+    """MAPPO's agent-specific critic input: global state ++ own observation ++ id -> [*batch, N, S + D + N]"""
+    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], obs.shape[-2], -1), actor_input(obs)], -1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -477,20 +449,14 @@ MAMUJOCO_TASKS = dict(
 
 
 class MaMuJoCoEnvs:
-    """One Multi-Agent MuJoCo env per seed (gymnasium-robotics' mamujoco_v1, agent_obsk=1), stepped one after the other.
-
-    A plain loop: gymnasium's SyncVectorEnv measured 1.5x slower (its per-step bookkeeping, with a MuJoCo step of
-    ~0.1 ms), AsyncVectorEnv slower still on 2 cores. Agents' observations are
-    zero-padded to the largest agent's size, and their actions are read from a padded [agents, act_dim] array, so one
-    shared actor serves all agents; `act_mask` [agents, act_dim] is 1 on each agent's real action dimensions. The
-    reward is the team's (every agent receives the same one). An env whose episode ends is reset in the same step;
-    the observation and state it ended in come back as final_obs and final_state, for the time-limit bootstrap.
-    """
+    """One Multi-Agent MuJoCo env per seed (mamujoco_v1, agent_obsk=1), stepped in a loop: gymnasium's SyncVectorEnv
+    measured 1.5x slower (MuJoCo steps take ~0.1 ms), AsyncVectorEnv slower still on 2 cores. Observations and actions
+    are zero-padded to the largest agent's, so one actor serves all agents (`act_mask`: 1 on the real action dimensions).
+    An ended episode is reset in the same step, what it ended in returned as final_obs, final_state; one team reward."""
 
     def __init__(self, scenario, agent_conf, seeds, max_episode_steps, render_mode=None):
-        mamujoco_v1 = require(
-            "gymnasium_robotics", "pip install gymnasium-robotics==1.4.2 mujoco==4.0.0", "Multi-Agent MuJoCo"
-        ).mamujoco_v1
+        install = "pip install gymnasium-robotics==1.4.2 mujoco==4.0.0"
+        mamujoco_v1 = require("gymnasium_robotics", install, "Multi-Agent MuJoCo").mamujoco_v1
         options = {"max_episode_steps": max_episode_steps, "render_mode": render_mode, "width": 240, "height": 240}
         self.envs = [mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=1, **options) for _ in seeds]
         env = self.envs[0]
@@ -507,35 +473,30 @@ class MaMuJoCoEnvs:
             self.act_low[i, : self.act_dims[i]] = env.action_space(agent).low
             self.act_high[i, : self.act_dims[i]] = env.action_space(agent).high
 
-    def _pad(self, obs):
-        """{agent: obs} -> [agents, obs_dim], zero-padded"""
+    def _pad(self, obs):  # {agent: obs} -> [agents, obs_dim], zero-padded
         padded = np.zeros((self.num_agents, self.obs_dim), dtype=np.float32)
         for i, agent in enumerate(self.agents):
             padded[i, : self.obs_dims[i]] = obs[agent]
         return padded
 
     def reset(self):
-        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. The first reset seeds env e with seeds[e]; later
-        ones continue its random stream."""
+        """-> obs [envs, agents, obs_dim], state [envs, state_dim]. Env e is seeded with seeds[e] once, then continues."""
         seeds, self.reset_seeds = self.reset_seeds, [None] * self.num_envs
         obs = np.stack([self._pad(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
         return obs, np.stack([env.state() for env in self.envs]).astype(np.float32)
 
     def step(self, actions):
-        """actions [envs, agents, act_dim] (unclipped) -> obs, state, rewards [envs], terminated [envs], truncated [envs],
-        final_obs, final_state (where an episode ended: what it ended in; elsewhere zeros)."""
+        """actions [envs, agents, act_dim] (unclipped) -> obs, state, rewards, terminated, truncated, final_obs, final_state"""
         actions = np.clip(actions, self.act_low, self.act_high)  # on the way to the env; Q_i clips alike (AgentQ)
         obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
         state = np.zeros((self.num_envs, self.state_dim), dtype=np.float32)
-        final_obs, final_state = np.zeros_like(obs), np.zeros_like(state)
-        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        final_obs, final_state, rewards = np.zeros_like(obs), np.zeros_like(state), np.zeros(self.num_envs, dtype=np.float32)
         terminated, truncated = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
-        for e, env in enumerate(self.envs):
-            # each agent gets its own action dimensions only: the padded ones never reach the env
+        first = self.agents[0]  # the team reward, termination and truncation are the same for every agent
+        for e, env in enumerate(self.envs):  # each agent gets its own action dimensions: the padded ones never reach the env
             obs_e, rewards_e, terminated_e, truncated_e, _ = env.step(
                 {agent: actions[e, i, : self.act_dims[i]] for i, agent in enumerate(self.agents)}
             )
-            first = self.agents[0]  # the team reward, termination and truncation are the same for every agent
             rewards[e], terminated[e], truncated[e] = rewards_e[first], terminated_e[first], truncated_e[first]
             obs[e], state[e] = self._pad(obs_e), env.state()
             if terminated[e] or truncated[e]:
@@ -558,16 +519,14 @@ def make_envs(args, seeds, render_mode=None):
 
 @torch.no_grad()
 def evaluate(actor, envs, hidden_dim, device, frames=None, frame_every=1):
-    """Runs one episode with mu (the Gaussian mean, fresh hidden states) in each env of envs, to its own end.
-    -> episodic team returns [num_envs]. With a list as frames, appends envs.render() every frame_every steps."""
+    """One episode with mu (fresh hidden states) per env -> team returns [num_envs]; renders to frames every frame_every."""
     obs = torch.as_tensor(envs.reset()[0], device=device)
     act_mask = torch.as_tensor(envs.act_mask, device=device)
     hidden = torch.zeros(envs.num_envs, envs.num_agents, hidden_dim, device=device)
     masks = torch.ones(1, envs.num_envs, envs.num_agents, device=device)
-    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
+    returns, running, step = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool), 0
     if frames is not None:
         frames.append(envs.render())
-    step = 0
     while running.any():
         mean, hidden = actor(actor_input(obs)[None], hidden, masks, act_mask)
         next_obs, _, rewards, terminated, truncated, _, _ = envs.step(mean[0].cpu().numpy())
@@ -581,9 +540,7 @@ def evaluate(actor, envs, hidden_dim, device, frames=None, frame_every=1):
 
 
 def capture_video(actor, args, seed, hidden_dim, device, path):
-    """Renders one episode with mu to a GIF at path, on the env of seed's video stream: the same episode at every
-    evaluation, so that videos compare. Where MuJoCo finds no headless OpenGL backend, says so in one line instead.
-    -> path, or None"""
+    """One episode with mu to a GIF at path, the same (seed's video stream) at every evaluation -> path, or None."""
     imageio = require("imageio", "pip install imageio", "--capture-video")
     envs = make_envs(args, env_seeds(seed, "video", 1), render_mode="rgb_array")
     frame_every = max(1, round(0.1 / envs.dt))  # 10 frames per simulated second: a software-rendered frame takes ~60 ms
@@ -591,11 +548,9 @@ def capture_video(actor, args, seed, hidden_dim, device, path):
         envs.reset()
         envs.render()  # a first frame tells whether an OpenGL backend works here
     except Exception as error:  # each backend fails its own way (mujoco.FatalError, AttributeError, ImportError)
-        print(
-            f"--capture-video: MuJoCo cannot render with MUJOCO_GL={os.environ['MUJOCO_GL']} here "
-            f"({type(error).__name__}); install libegl1 (egl) or libosmesa6 (MUJOCO_GL=osmesa); no video",
-            file=sys.stderr,
-        )
+        backend = f"MUJOCO_GL={os.environ['MUJOCO_GL']} here ({type(error).__name__})"
+        install = "install libegl1 (egl) or libosmesa6 (MUJOCO_GL=osmesa)"
+        print(f"--capture-video: MuJoCo cannot render with {backend}; {install}; no video", file=sys.stderr)
         envs.close()
         return None
     frames = []
@@ -631,12 +586,9 @@ def grad_norm_ratio(numerator, denominator, params):
 def gaussian_rollout_diagnostics(
     raw_advantages, weights, q_features, actions, means, log_std, act_mask, state, agent_q, mixer, value_norm, rng, k=8
 ):
-    """The per-update diagnostics of the rollout ([T, E, N] weights; q_features [T, E, N, H]; actions and pi's means
-    [T, E, N, act_dim]): rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section
-    4.1, Figure 1); mixer_slope: median dQ_tot/dQ_i at the taken (clipped) actions (near 0 the mixer is saturated and
-    L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units, slope * (max_k Q_i(a^k) -
-    min_k Q_i(a^k)) over the same k samples (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a) of the
-    rollout's real steps (no padding)."""
+    """rvar: Var(A - C) / Var(A), C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    mixer_slope: median dQ_tot/dQ_i at the taken (clipped) actions (near 0 the mixer saturates and L_dpg does nothing);
+    q_gap: median slope * (max_k Q_i(a^k) - min_k Q_i(a^k)), Q_tot's action gap in reward units (exact for VDN); q_tot_mean."""
     T, E, N, H = q_features.shape
     q_taken = agent_q.q(q_features, actions).requires_grad_()  # [T, E, N]
     with torch.enable_grad():
@@ -657,17 +609,15 @@ def gaussian_rollout_diagnostics(
     }
 
 
-def actor_grad_variance(mean, log_std, mb, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, actor, args, k=8):
-    """diagnostics/grad_var: the actor gradient of eq. (10) on k disjoint sub-batches of the minibatch's chunks. mu is
-    the Gaussian mean, so its passes draw no random number: logging it leaves training's random numbers as they were."""
+def actor_grad_variance(mean, log_std, mb, *loss_inputs, actor, args, k=8):
+    """diagnostics/grad_var: the actor gradient of eq. (10) (gaussian_actor_loss's inputs) on k disjoint sub-batches of
+    chunks. mu is the Gaussian mean, so its passes draw no random number: training's random numbers stay as they were."""
     n_chunks = mb["valid"].shape[1]
     group = torch.arange(n_chunks, device=mean.device) % min(k, n_chunks)  # chunk -> sub-batch
     grads = []
     for g in range(min(k, n_chunks)):
         sub_batch = {**mb, "valid": mb["valid"] * (group == g)}
-        loss, _ = gaussian_actor_loss(
-            mean, log_std, sub_batch, q_features, agent_q, mixer, act_mask, value_norm, nu, dpg_scale, args
-        )
+        loss, _ = gaussian_actor_loss(mean, log_std, sub_batch, *loss_inputs, args)
         grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, list(actor.parameters()), retain_graph=True)]))
     return grad_variance(torch.stack(grads))
 
@@ -682,35 +632,28 @@ def fail(message: str) -> None:
 
 
 def check_args(args: Args) -> None:
-    if args.env not in MAMUJOCO_TASKS:
-        fail(f"--env must be one of {', '.join(MAMUJOCO_TASKS)}, got {args.env!r}")
-    if args.agent_conf not in MAMUJOCO_TASKS[args.env]:
-        fail(f"--agent-conf of {args.env} must be one of {', '.join(MAMUJOCO_TASKS[args.env])}, got {args.agent_conf!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for name in ("max_episode_steps", "num_envs", "num_steps", "update_epochs", "chunk_len", "torch_threads"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if args.eval_episodes < 1:
-        fail(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
+    confs, rollout = MAMUJOCO_TASKS.get(args.env, ()), args.num_envs * args.num_steps
+    n_chunks = args.num_envs * -(-args.num_steps // max(args.chunk_len, 1))  # a --chunk-len < 1 fails first
+    at_least_1 = ("max_episode_steps", "num_envs", "num_steps", "update_epochs", "chunk_len", "torch_threads")
+    short = f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout (--num-envs x --num-steps = {rollout})"
+    minibatches = f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}"
+    checks = [  # (the flags are valid, what they accept); the first that fails stops the run
+        (args.env in MAMUJOCO_TASKS, f"--env must be one of {', '.join(MAMUJOCO_TASKS)}, got {args.env!r}"),
+        (args.agent_conf in confs, f"--agent-conf of {args.env} must be one of {', '.join(confs)}, got {args.agent_conf!r}"),
+        (args.mixer in ("qmix", "vdn"), f"--mixer must be qmix or vdn, got {args.mixer!r}"),
+        (args.dpg_scale in ("raw", "advantage"), f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}"),
+        (args.nu_warmup is None or args.nu_warmup >= 0, f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}"),
+        (0.0 <= args.nu <= 1.0, f"--nu must be in [0, 1], got {args.nu}"),
+        *[(getattr(args, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}") for n in at_least_1],
+        (args.eval_only is not None or args.total_timesteps >= rollout, short),
+        (1 <= args.num_minibatches <= n_chunks, minibatches),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {args.eval_episodes}"),
+        (args.checkpoint_interval >= 0, f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}"),
+        (args.eval_only is None or os.path.isfile(args.eval_only), f"--eval-only: no such file {args.eval_only!r}"),
+    ]
+    for valid, message in checks:
+        if not valid:
+            fail(message)
 
 
 def require(module: str, install: str, flag: str):
@@ -739,8 +682,7 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
     return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
 
 
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 
 
@@ -846,8 +788,7 @@ def stop_if_not_finite(losses: dict, update: int) -> None:
 
 
 def evaluate_saved_model(args: Args, device: torch.device) -> None:
-    """--eval-only: a model saved with --save-model plays --eval-episodes episodes with mu (and, with --capture-video,
-    one more to a GIF); prints the mean return, then exits."""
+    """--eval-only: a --save-model model plays --eval-episodes episodes with mu (and one to a GIF with --capture-video)."""
     try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
         model = torch.load(args.eval_only, map_location=device, weights_only=True)
     except Exception as error:
@@ -858,10 +799,8 @@ def evaluate_saved_model(args: Args, device: torch.device) -> None:
     actor.load_state_dict(model["actor"])
     returns = evaluate(actor, envs, saved.hidden_dim, device)
     envs.close()
-    print(
-        f"{args.eval_only}: {saved.env} {saved.agent_conf}, {len(returns)} episodes with mu, "
-        f"return {returns.mean():.2f} +- {returns.std():.2f}"
-    )
+    episodes = f"{saved.env} {saved.agent_conf}, {len(returns)} episodes with mu"
+    print(f"{args.eval_only}: {episodes}, return {returns.mean():.2f} +- {returns.std():.2f}")
     if args.capture_video:
         path = f"videos/{os.path.basename(args.eval_only)}.gif"
         if capture_video(actor, saved, args.seed, saved.hidden_dim, device, path) is not None:
@@ -870,8 +809,7 @@ def evaluate_saved_model(args: Args, device: torch.device) -> None:
 
 
 def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng: torch.Generator) -> tuple[int, int, float, float]:
-    """--resume: every network, optimiser, normaliser and generator as at the end of the checkpoint's update; the envs'
-    episodes start afresh. -> (global_step, the first update to run, last_return, eval_return)"""
+    """--resume: networks, optimisers, normaliser, generators -> (global_step, next update, last_return, eval_return)"""
     for name, module in stateful.items():
         module.load_state_dict(checkpoint[name])
     set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
@@ -881,17 +819,9 @@ def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng: torch.
 
 def save_checkpoint(path, args, run_name, update, global_step, stateful, diagnostics_rng, last_return, eval_return):
     """The training state (not the envs': a resumed run cannot continue the running episodes), written atomically."""
-    checkpoint = {
-        "script": os.path.basename(__file__),
-        "args": asdict(args),
-        "run_name": run_name,
-        "update": update,
-        "global_step": global_step,
-        **{name: module.state_dict() for name, module in stateful.items()},
-        "rng": rng_states({"diagnostics": diagnostics_rng}),
-        "last_return": last_return,
-        "eval_return": eval_return,
-    }
+    checkpoint = {"script": os.path.basename(__file__), "args": asdict(args), "run_name": run_name, "update": update}
+    checkpoint |= {"global_step": global_step, **{name: module.state_dict() for name, module in stateful.items()}}
+    checkpoint |= {"rng": rng_states({"diagnostics": diagnostics_rng}), "last_return": last_return, "eval_return": eval_return}
     save_atomically(checkpoint, path)
 
 
@@ -967,16 +897,12 @@ if __name__ == "__main__":
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in MaMuJoCo)
     actor_hidden, critic_hidden, q_hidden = torch.zeros(3, T + 1, E, N, H, device=device)  # hidden states entering step t
-    actions = torch.zeros(T, E, N, A, device=device)  # the samples of pi, unclipped (the env and Q_i clip), 0 when padded
-    logprobs = torch.zeros(T, E, N, device=device)
-    rollout_means = torch.zeros(T, E, N, A, device=device)
-    rewards = torch.zeros(T, E, device=device)  # the team reward
-    values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
-    time_limits = torch.zeros(T, E, device=device)  # 1 where the episode hit the time limit at step t (not terminated)
-    # V(o_final) in normalised units and Qhat'(s_final, mu(o_final)) in raw reward units, filled for every env at a step
-    # where any env hit the time limit: time_limit_rewards keeps them only where time_limits is 1
+    actions, rollout_means = torch.zeros(2, T, E, N, A, device=device)  # pi's samples (unclipped; 0 when padded), means
+    logprobs, values = torch.zeros(T, E, N, device=device), torch.zeros(T + 1, E, N, device=device)  # V normalised
+    # team rewards; 1 where the episode hit the time limit at step t (not terminated); V(o_final) (normalised) and
+    # Qhat'(s_final, mu(o_final)) (reward units), filled for all envs, kept by time_limit_rewards where time_limits is 1
+    rewards, time_limits, final_q_tot = torch.zeros(3, T, E, device=device)
     final_values = torch.zeros(T, E, N, device=device)
-    final_q_tot = torch.zeros(T, E, device=device)
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
@@ -987,8 +913,7 @@ if __name__ == "__main__":
     n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
     if checkpoint:
         global_step, start_update, last_return, eval_return = restore_checkpoint(checkpoint, stateful, diagnostics_rng)
-    start_step, preemption = global_step, Preemption()
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    start_step, preemption, checkpoint_path = global_step, Preemption(), os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
         nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
@@ -1000,9 +925,7 @@ if __name__ == "__main__":
             agent_masks = masks[step : step + 1].unsqueeze(-1).expand(1, E, N)  # [1, E, N]
             with torch.no_grad():
                 # ALGO LOGIC: action logic
-                mean, actor_hidden[step + 1] = actor(
-                    actor_input(obs[step : step + 1]), actor_hidden[step], agent_masks, act_mask
-                )
+                mean, actor_hidden[step + 1] = actor(actor_input(obs[step][None]), actor_hidden[step], agent_masks, act_mask)
                 rollout_means[step] = mean[0]
                 actions[step] = (mean[0] + actor.log_std.exp() * torch.randn_like(mean[0])) * act_mask
                 if not torch.isfinite(actions[step]).all():  # the last minibatch of the previous update diverged
@@ -1092,10 +1015,9 @@ if __name__ == "__main__":
         start_hidden = {name: h[chunk_starts].flatten(0, 1) for name, h in hidden.items()}
 
         # OPTIMIZE (line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own Adam, per minibatch
-        n_chunks = n_windows * E
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
-            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+            for mb_chunks in torch.randperm(n_windows * E, device=device).tensor_split(args.num_minibatches):
                 mb = {name: x[:, mb_chunks] for name, x in batch.items()}
                 mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
                 mb_critic_in = critic_input(mb["obs"], mb["state"])
@@ -1110,9 +1032,8 @@ if __name__ == "__main__":
                     actor_params = list(actor.parameters())
                     dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
                 if first_minibatch and args.log_grad_var:
-                    grad_var = actor_grad_variance(*loss_inputs, actor, args)
-                valid = mb["valid"].bool()
-                value_norm.update(mb["returns"][valid])  # MAPPO updates the statistics on every minibatch
+                    grad_var = actor_grad_variance(*loss_inputs, actor=actor, args=args)
+                value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
                 weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
                 v_loss = value_loss(
                     new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
@@ -1144,22 +1065,18 @@ if __name__ == "__main__":
         # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/nu", nu, global_step)
-        for name, value in stats.items():
-            writer.add_scalar(f"losses/{name}", value.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
-        writer.add_scalar("charts/q_tot_mean", diagnostics.pop("q_tot_mean").item(), global_step)
-        for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items():
-            writer.add_scalar(f"diagnostics/{name}", value.item(), global_step)
+        logged = {"charts/SPS": sps, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"], "charts/nu": nu}
+        logged |= {f"losses/{name}": value for name, value in {**stats, "explained_variance": explained_var}.items()}
+        logged |= {"charts/q_tot_mean": diagnostics.pop("q_tot_mean")}
+        logged |= {f"diagnostics/{name}": value for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items()}
         if grad_var is not None:
-            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+            logged["diagnostics/grad_var"] = grad_var
         if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
             last_return = np.mean(finished_returns)
+            logged |= {"charts/episodic_return": last_return, "charts/episodic_length": np.mean(finished_lengths)}
             finished_returns, finished_lengths = [], []
+        for tag, value in logged.items():
+            writer.add_scalar(tag, float(value), global_step)
 
         # EVALUATE: episodes with mu (the Gaussian mean) and fresh hidden states on separate envs
         if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
@@ -1171,11 +1088,8 @@ if __name__ == "__main__":
 
         if time.time() - last_print > 10 or update == args.num_updates:
             last_print = time.time()
-            print(
-                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
-                f"return {last_return:.2f} | eval {eval_return:.2f} | rvar {diagnostics['rvar'].item():.3f}",
-                flush=True,
-            )
+            progress = f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f}"
+            print(f"{progress} | eval {eval_return:.2f} | rvar {diagnostics['rvar'].item():.3f}", flush=True)
 
         # CHECKPOINT: every --checkpoint-interval updates, and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
@@ -1188,12 +1102,9 @@ if __name__ == "__main__":
 
     if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
         wall = time.time() - start_time
-        print(
-            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
-            f"env stepping took {env_time / wall:.0%} of the time"
-        )
+        done = f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS"
+        print(f"{done}; env stepping took {env_time / wall:.0%} of the time")
         if args.save_model:
             save_final_model(args, run_dir, stateful)
-    envs.close()
-    eval_envs.close()
-    writer.close()
+    for closing in (envs, eval_envs, writer):
+        closing.close()
