@@ -62,13 +62,11 @@ class Args:
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
     checkpoint_interval: int = 15
-    """write the whole training state to runs/{run_name}/checkpoint.pt every this many updates (about 10 minutes at the
-    defaults; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    """save runs/{run_name}/checkpoint.pt every this many updates (~10 min; 0: never) and on SIGTERM or SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (the
-    episodes start afresh: gfootball's engines cannot be saved) with the run's own flags; only --total-timesteps,
-    --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads, --num-workers, --env-timeout and
-    --save-model (an output: a run started without it can still save its final model) may be given, to change them"""
+    """a checkpoint.pt or its run folder: continue that run there with its own flags (the episodes start afresh: the
+    engines cannot be saved); only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda,
+    --torch-threads, --num-workers, --env-timeout and --save-model (an output) may be given, to change them"""
 
     # Environment
     scenario: str = "academy_3_vs_1_with_keeper"
@@ -79,8 +77,7 @@ class Args:
     num_envs: int = 50
     """the number of parallel envs ("rollout threads", App. D: 50)"""
     num_steps: int = 200
-    """the rollout length per env between two updates (MAPPO's GRF setting), not the episode length: App. D's 400 is
-    the scenarios' own limit, and episodes continue across rollouts"""
+    """the rollout length per env (MAPPO's); App. D's 400 is the episode limit, and episodes continue across rollouts"""
     num_workers: int = len(os.sched_getaffinity(0))
     """the number of env processes, each stepping num_envs / num_workers envs on one core; defaults to the cores here"""
     eval_interval: int = 40
@@ -88,8 +85,7 @@ class Args:
     eval_episodes: int = 100
     """the number of greedy evaluation episodes (success rate over 100 episodes, as in the paper)"""
     env_timeout: float = 300.0
-    """seconds to wait for an env process's answer (the first includes starting its engines): a hung engine stops the
-    run with one line naming it"""
+    """seconds to wait for an env process's answer (the first starts its engines); then the run stops, naming it"""
 
     # Algorithm (MAPPO's values and the paper's App. D)
     nu: float = 0.5
@@ -97,8 +93,7 @@ class Args:
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
     dpg_scale: str = "raw"
-    """raw: L_dpg in reward units against normalised advantages (App. D, with a small nu); advantage: L_dpg divided by
-    the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
+    """raw: L_dpg in reward units (App. D, small nu); advantage: divided by the raw advantages' std (eq. (10)'s ratio)"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
     the --total-timesteps, fixed when the run starts; 0: no warm-up"""
@@ -200,38 +195,25 @@ class Actor(nn.Module):
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
         self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
 
-    def forward(self, x, hidden, masks, avail_actions):
-        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
+    def forward(self, x, hidden, masks, avail_actions):  # -> logits [L, *batch, A] (-1e10 where unavailable), hidden
         features, hidden = self.trunk(x, hidden, masks)
         return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
 
 
 class Critic(nn.Module):
-    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units; with n_actions, the agent Q-network
+    Q_psi_i(s, .), the same architecture with one output per action (App. D): Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
 
-    def __init__(self, input_dim, hidden_dim, recurrent):
+    def __init__(self, input_dim, hidden_dim, recurrent, n_actions=None):
         super().__init__()
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions or 1), std=1.0)
+        self.squeeze = n_actions is None
 
-    def forward(self, x, hidden, masks):
-        """-> values [L, *batch], hidden [*batch, H]"""
+    def forward(self, x, hidden, masks):  # -> values [L, *batch] (or q_values [L, *batch, n_actions]), hidden
         features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features).squeeze(-1), hidden
-
-
-class AgentQ(nn.Module):
-    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
-
-    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
-        super().__init__()
-        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
-
-    def forward(self, x, hidden, masks):
-        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
-        features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features), hidden
+        out = self.head(features)
+        return (out.squeeze(-1) if self.squeeze else out), hidden
 
 
 class QMixer(nn.Module):
@@ -427,14 +409,13 @@ def soft_update(target, source, tau):
 
 
 def actor_input(obs):
-    """obs [*batch, N, D] -> the agent's observation ++ its id (one-hot) [*batch, N, D + N]"""
+    """obs [*batch, N, D] -> the agent's observation ++ its one-hot id [*batch, N, D + N]"""
     num_agents = obs.shape[-2]
     return torch.cat([obs, torch.eye(num_agents, device=obs.device).expand(*obs.shape[:-2], num_agents, num_agents)], -1)
 
 
 def critic_input(obs, state):
-    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
-    -> [*batch, N, S + D + N]"""
+    """MAPPO's agent-specific critic input: state [*batch, S] ++ own observation ++ id -> [*batch, N, S + D + N]"""
     num_agents = obs.shape[-2]
     return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
 
@@ -469,17 +450,15 @@ def make_football_env(scenario: str, seed: int):
 
     width, height = RENDER_RESOLUTION
     config = {"game_engine_random_seed": seed, "render_resolution_x": width, "render_resolution_y": height}
-    n_players = ACADEMY_SCENARIOS[scenario]
     return football_env.create_environment(
         env_name=scenario, representation="simple115v2", rewards="scoring,checkpoints",
-        number_of_left_players_agent_controls=n_players, other_config_options=config,
+        number_of_left_players_agent_controls=ACADEMY_SCENARIOS[scenario], other_config_options=config,
     )  # fmt: skip
 
 
 def reset_football_env(env, rng: np.random.Generator, num_agents: int) -> np.ndarray:
-    """Starts a new episode with its own engine seed -> obs [N, 115]. gfootball re-seeds its engine with the config's
-    game_engine_random_seed at every reset, so one fixed seed would replay the same episode for the same actions (a
-    greedy evaluation would see one episode 100 times): each episode draws its seed from the env's generator."""
+    """A new episode with an engine seed drawn from rng -> obs [N, 115]. gfootball re-seeds its engine at every reset:
+    one fixed seed would replay the same episode for the same actions (a greedy evaluation would see one, 100 times)."""
     env.unwrapped._config["game_engine_random_seed"] = int(rng.integers(2**31))
     return np.reshape(env.reset(), (num_agents, GRF_OBS_DIM))
 
@@ -527,16 +506,13 @@ def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
 
 
 class EnvProcessError(SystemExit):
-    """An env process died or stopped answering: a SystemExit ends the run with its one line and no traceback (the
-    event file is still closed, at exit); record_video catches it, as rendering without OpenGL can crash."""
+    """An env process died or stopped answering: as a SystemExit, the run ends with one line and no traceback."""
 
 
 class FootballEnvs:
-    """One gfootball env per seed (see env_seeds), all of one scenario, split over num_workers processes that step
-    their envs in parallel. Env i draws the engine seed of each of its episodes from np.random.default_rng(seeds[i]),
-    so runs are reproducible whatever --num-workers is. An env whose episode ends (a goal, the ball out of play or lost,
-    or 400 steps) is reset inside `step`: its returned obs is the first of its next episode. A worker that dies, or does
-    not answer within timeout seconds, stops all the workers and raises EnvProcessError naming it and the scenario."""
+    """One gfootball env per seed, split over num_workers processes; env i draws its episodes' engine seeds from
+    default_rng(seeds[i]), whatever --num-workers is. An env whose episode ends (a goal, the ball out of play or lost, or
+    400 steps) is reset inside `step`. A worker that dies, or does not answer in timeout s, raises EnvProcessError."""
 
     def __init__(self, scenario: str, seeds: list[int], num_workers: int, timeout: float):
         self.scenario, self.timeout = scenario, timeout
@@ -564,8 +540,7 @@ class FootballEnvs:
         except OSError:  # BrokenPipeError, ConnectionResetError: the process has ended
             self.fail(worker, "died")
 
-    def receive(self, worker: int):
-        """The worker's answer to the last command, waiting at most timeout seconds for it."""
+    def receive(self, worker: int):  # the answer to the last command, waiting at most timeout seconds
         try:
             if self.pipes[worker].poll(self.timeout):
                 return self.pipes[worker].recv()
@@ -573,8 +548,7 @@ class FootballEnvs:
             self.fail(worker, "died")
         self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
 
-    def fail(self, worker: int, problem: str):
-        """Kills every worker (the envs are out of step now) and raises EnvProcessError naming this one."""
+    def fail(self, worker: int, problem: str):  # kills every worker (the envs are out of step now)
         for process in self.processes:
             process.kill()  # SIGKILL: the workers ignore SIGTERM; nothing for a process that has ended
         for process in self.processes:
@@ -585,30 +559,26 @@ class FootballEnvs:
         ids = self.env_ids[worker]
         raise EnvProcessError(f"{self.scenario}: env process {worker} (envs {ids[0]}-{ids[-1]}) {problem}")
 
-    def reset(self) -> np.ndarray:
-        """-> obs [E, N, 115]"""
+    def reset(self) -> np.ndarray:  # -> obs [E, N, 115]
         for worker in range(len(self.pipes)):
             self.send(worker, "reset")
         return np.concatenate([self.receive(worker) for worker in range(len(self.pipes))])
 
     def step(self, actions: np.ndarray) -> tuple:
-        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of the episode
-        that ended at this step: +1 the left team scored, -1 it conceded; 0 where none ended)."""
+        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of an episode
+        that ended: +1 the left team scored, -1 it conceded; 0 where none ended)"""
         for worker, ids in enumerate(self.env_ids):
             self.send(worker, "step", actions[ids])
         results = [self.receive(worker) for worker in range(len(self.pipes))]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
-    def render(self) -> np.ndarray:
-        """-> the current frame of env 0 [270, 480, 3] uint8"""
+    def render(self) -> np.ndarray:  # -> env 0's current frame [270, 480, 3] uint8
         self.send(0, "render")
-        frame = self.receive(0)
-        if isinstance(frame, Exception):
+        if isinstance(frame := self.receive(0), Exception):
             raise frame
         return frame
 
-    def close(self):
-        """Each worker closes its engines; one that has died is skipped, one that hangs is killed after 10 s."""
+    def close(self):  # each worker closes its engines; one that has died is skipped, one that hangs killed after 10 s
         atexit.unregister(self.close)
         for pipe in self.pipes:
             with contextlib.suppress(OSError):  # a broken pipe: that worker has ended
@@ -621,22 +591,22 @@ class FootballEnvs:
 
 
 def make_envs(args, resumed_after: int | None):
-    """The train envs, the eval envs (about 60 MB per engine: only with evaluations) and the video env (only with
-    --capture-video and evaluations), each stream with seeds of its own (a resumed run's start afresh)."""
+    """The train, eval (60 MB per engine: only with evaluations) and video (--capture-video) envs, each stream with seeds
+    of its own (a resumed run's start afresh)."""
     seeds = lambda stream, n: resumed_seeds(env_seeds(args.seed, stream, n), resumed_after)
     make = lambda seeds, num_workers: FootballEnvs(args.scenario, seeds, num_workers, args.env_timeout)
     envs = make(seeds("train", args.num_envs), args.num_workers)
-    eval_seeds = seeds("eval", min(args.eval_episodes, args.num_envs))
-    eval_envs = make(eval_seeds, args.num_workers) if args.eval_interval > 0 else None
+    eval_envs = (
+        make(seeds("eval", min(args.eval_episodes, args.num_envs)), args.num_workers) if args.eval_interval > 0 else None
+    )
     video_envs = make(seeds("video", 1), 1) if args.capture_video and eval_envs is not None else None
     return envs, eval_envs, video_envs
 
 
 @torch.no_grad()
 def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None):
-    """Runs num_episodes greedy episodes (argmax of the logits, a fresh hidden state for each episode) on envs, each env
-    its share of them, every episode to its own end. -> episodic team returns [num_episodes], scores [num_episodes]
-    (+1: the left team scored). With a list as frames, appends env 0's frames (envs.render()) until its share is done."""
+    """num_episodes greedy episodes (argmax, fresh hidden states), each env its share, to their end -> team returns,
+    scores [num_episodes] (+1: the left team scored). With a list as frames, appends env 0's frames until its share ends."""
     E, N = envs.num_envs, envs.num_agents
     # a fixed share per env, not the first episodes to finish: those would over-count the short ones
     left = np.array([len(share) for share in np.array_split(np.arange(num_episodes), E)])
@@ -662,8 +632,8 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None):
 
 
 def record_video(actor, video_envs, hidden_dim, device, path):
-    """One greedy episode rendered to a GIF at path (10 frames/s, the rate of gfootball's own videos) -> path; where the
-    engine cannot render (no OpenGL), one line says so instead -> None."""
+    """One greedy episode to a GIF at path (10 frames/s, as gfootball's videos) -> path; None, with one line, where the
+    engine cannot render (no OpenGL)."""
     frames = []
     try:
         evaluate(actor, video_envs, 1, hidden_dim, device, frames)
@@ -766,12 +736,12 @@ def require(module: str, install: str, flag: str):
 
 
 def check_args(args: Args) -> None:
-    if args.scenario not in ACADEMY_SCENARIOS:
-        fail(f"--scenario must be one of {', '.join(ACADEMY_SCENARIOS)}, got {args.scenario!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    """The first bad flag stops the run with one line naming it and what it accepts."""
+    choices = {"scenario": tuple(ACADEMY_SCENARIOS), "mixer": ("qmix", "vdn"), "dpg_scale": ("raw", "advantage")}
+    for flag, accepted in choices.items():
+        if getattr(args, flag) not in accepted:
+            listed = " or ".join(accepted) if len(accepted) == 2 else f"one of {', '.join(accepted)}"
+            fail(f"--{flag.replace('_', '-')} must be {listed}, got {getattr(args, flag)!r}")
     if args.nu_warmup is not None and args.nu_warmup < 0:
         fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
     if not 0.0 <= args.nu <= 1.0:
@@ -779,11 +749,8 @@ def check_args(args: Args) -> None:
     for flag in ("num_envs", "num_steps", "num_workers", "update_epochs", "chunk_len", "torch_threads", "eval_episodes"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
+    if args.eval_only is None and args.total_timesteps < (rollout := args.num_envs * args.num_steps):
+        fail(f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout (--num-envs x --num-steps = {rollout})")
     n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
     if not 1 <= args.num_minibatches <= n_chunks:
         fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
@@ -813,8 +780,7 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
     return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
 
 
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
 # save_model is an output, not a setting of the run; num_workers and env_timeout are operational: each env's engine
 # seeds do not depend on the env process it runs in
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
@@ -894,8 +860,7 @@ class Preemption:
 
 
 def evaluate_saved_model(args: Args, device) -> None:
-    """--eval-only: loads a model saved by --save-model, plays --eval-episodes greedy episodes (and renders one with
-    --capture-video), prints the success rate and the return, and exits."""
+    """--eval-only: --eval-episodes greedy episodes of a --save-model model (one to video with --capture-video)."""
     try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
         model = torch.load(args.eval_only, map_location=device, weights_only=True)
     except Exception as error:
@@ -913,10 +878,9 @@ def evaluate_saved_model(args: Args, device) -> None:
     )
     envs.close()
     if video_envs is not None:
-        if video := record_video(
-            actor, video_envs, saved.hidden_dim, device, f"videos/{os.path.basename(args.eval_only)}.gif"
-        ):
-            print("video:", video)
+        video_path = f"videos/{os.path.basename(args.eval_only)}.gif"
+        if record_video(actor, video_envs, saved.hidden_dim, device, video_path):
+            print("video:", video_path)
         video_envs.close()
     sys.exit(0)
 
@@ -943,9 +907,11 @@ def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> S
     return writer
 
 
-def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng) -> tuple:
-    """--resume: the training state as it was at the end of the checkpoint's update (networks, optimisers, ValueNorm,
-    generators). -> (global_step, the first update to run, last_return, last_success, eval_success)"""
+def restore_checkpoint(checkpoint: dict | None, stateful: dict, diagnostics_rng) -> tuple:
+    """--resume: the training state at the end of the checkpoint's update -> (global_step, the first update to run,
+    last_return, last_success, eval_success); without a checkpoint, those of a new run."""
+    if checkpoint is None:
+        return 0, 1, float("nan"), float("nan"), float("nan")
     for name, module in stateful.items():
         module.load_state_dict(checkpoint[name])
     set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
@@ -955,8 +921,8 @@ def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng) -> tup
 
 
 def save_checkpoint(path: str, args: Args, run_name: str, update: int, global_step: int, stateful: dict, rngs: dict, **logs):
-    """The whole training state after `update` (atomically written); logs: last_return, last_success, eval_success and,
-    for the record, the running episodes' sums (a resumed run starts its episodes afresh, uncounted)."""
+    """The whole training state after `update`; logs: last_return, last_success, eval_success and, for the record, the
+    running episodes' sums (a resumed run starts its episodes afresh, uncounted)."""
     run = {"script": os.path.basename(__file__), "args": asdict(args), "run_name": run_name, "update": update}
     states = {name: module.state_dict() for name, module in stateful.items()}
     save_atomically({**run, "global_step": global_step, **states, "rng": rng_states(rngs), **logs}, path)
@@ -1009,7 +975,7 @@ if __name__ == "__main__":
     # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1)
-        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
+        agent_q = Critic(state_dim + obs_dim + N, H, args.recurrent, n_actions=A).to(device)  # Q_psi_i
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)  # V's statistics, which Q_tot's targets are normalised by too (q_loss)
@@ -1024,29 +990,25 @@ if __name__ == "__main__":
     stateful |= {"critic_optimizer": critic_optimizer, "q_optimizer": q_optimizer}
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
-    obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
-    state = torch.zeros(T + 1, E, state_dim, device=device)
+    obs, state = torch.zeros(T + 1, E, N, obs_dim, device=device), torch.zeros(T + 1, E, state_dim, device=device)
     avail_actions = torch.ones(T + 1, E, N, A, device=device)  # GRF: every action is always available
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in GRF)
     actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
-    actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
-    logprobs = torch.zeros(T, E, N, device=device)
+    actions, logprobs = torch.zeros(T, E, N, dtype=torch.long, device=device), torch.zeros(T, E, N, device=device)
     rollout_logits = torch.zeros(T, E, N, A, device=device)
     rewards = torch.zeros(T, E, device=device)  # team reward: the sum of the agents' rewards
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
 
     # TRY NOT TO MODIFY: start the game
-    global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
+    env_time, start_time, last_print = 0.0, time.time(), 0.0
     next_obs = torch.as_tensor(envs.reset(), device=device)
     obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, finished_scores = [], [], []
-    last_return, last_success, eval_success = float("nan"), float("nan"), float("nan")
-    if checkpoint:
-        global_step, start_update, last_return, last_success, eval_success = restore_checkpoint(
-            checkpoint, stateful, diagnostics_rng
-        )
+    global_step, start_update, last_return, last_success, eval_success = restore_checkpoint(
+        checkpoint, stateful, diagnostics_rng
+    )
     # the env processes ignore SIGTERM and SIGINT: the main process checkpoints, then closes them
     start_step, preemption = global_step, Preemption()
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
@@ -1068,8 +1030,7 @@ if __name__ == "__main__":
                 actions[step] = dist.sample()
                 logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]
                 critic_in = critic_input(obs[step : step + 1], state[step : step + 1])
-                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
-                values[step] = values_step[0]
+                values[step : step + 1], critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
                 _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
 
             # TRY NOT TO MODIFY: execute the game and log data.
@@ -1123,10 +1084,8 @@ if __name__ == "__main__":
         rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
         rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
-        batch = {
-            name: to_chunks(x, args.chunk_len, 1.0 if name in ("masks", "avail_actions") else 0.0)
-            for name, x in rollout.items()
-        }
+        pad = {"masks": 1.0, "avail_actions": 1.0}
+        batch = {name: to_chunks(x, args.chunk_len, pad.get(name, 0.0)) for name, x in rollout.items()}
         # the hidden states entering each chunk, from the rollout (Algorithm 1, line 20)
         starts = {
             name: h[0 : T : args.chunk_len].flatten(0, 1)
