@@ -61,13 +61,11 @@ class Args:
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes episodes) instead of training"""
     checkpoint_interval: int = 150
-    """write the training state to runs/{run_name}/checkpoint.pt every this many updates (150: about 10 minutes on one
-    CPU thread; 0: never), and after the update in which SIGTERM or SIGINT came"""
+    """save runs/{run_name}/checkpoint.pt every this many updates (~10 min on one thread; 0: never) and on SIGTERM/SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt, or the run folder holding it: continue that run where it stopped, in the same run folder (bit
-    for bit on the NumPy port), with its own flags; only --total-timesteps, --eval-interval, --checkpoint-interval,
-    --track, --cuda, --torch-threads and --save-model (an output: a run started without it can save its model) may be
-    given to change them"""
+    """a checkpoint.pt or its run folder: continue that run in its folder (bit for bit on the NumPy port) with its own
+    flags; only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads and
+    --save-model (an output: a run started without it can save its model) may change"""
 
     # Environment
     task: str = "spread"
@@ -93,11 +91,9 @@ class Args:
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
     dpg_scale: str = "advantage"
-    """advantage: L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s
-    ratio between the two terms; raw: L_dpg in reward units against normalised advantages (App. D)"""
+    """advantage: L_dpg divided by the raw advantages' std (eq. (10)'s ratio); raw: L_dpg in reward units (App. D)"""
     nu_warmup: DisallowNone[int | None] = None
-    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
+    """env steps over which nu rises from 0 to --nu, so that Q_hat fits first; unset: --total-timesteps / 5; 0: none"""
     learning_rate: float = 7e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -127,8 +123,8 @@ class Args:
     recurrent: bool = True
     """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
     joint_q_diagnostic: bool = False
-    """if toggled, also train an unfactorized joint Q(s, a_1..a_n) (an MLP, same TD(lambda) targets, own optimiser, no
-    effect on the policy) and log diagnostics/rvar_joint, to redo the paper's Figure 1 comparison"""
+    """if toggled, also train an unfactorized joint Q(s, a_1..a_n) (no effect on the policy) and log
+    diagnostics/rvar_joint, to redo the paper's Figure 1 comparison"""
     log_grad_var: bool = False
     """if toggled, log diagnostics/grad_var: the spread of the actor gradient over 8 sub-batches (about +10% update time)"""
 
@@ -192,7 +188,8 @@ class Trunk(nn.Module):
 
 
 class Actor(nn.Module):
-    """pi_theta(a_i | o_i, i), shared by all agents."""
+    """pi_theta(a_i | o_i, i), shared by all agents -> logits [L, *batch, n_actions] (unavailable actions at -1e10),
+    hidden [*batch, H]."""
 
     def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
         super().__init__()
@@ -200,37 +197,31 @@ class Actor(nn.Module):
         self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
 
     def forward(self, x, hidden, masks, avail_actions):
-        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
         features, hidden = self.trunk(x, hidden, masks)
         return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
 
 
 class Critic(nn.Module):
-    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units -> values [L, *batch], hidden [*batch, H];
+    with n_actions, one output per action: q_values [L, *batch, n_actions] (AgentQ)."""
 
-    def __init__(self, input_dim, hidden_dim, recurrent):
+    def __init__(self, input_dim, hidden_dim, recurrent, n_actions=None):
         super().__init__()
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions or 1), std=1.0)
+        self.squeeze = n_actions is None
 
     def forward(self, x, hidden, masks):
-        """-> values [L, *batch], hidden [*batch, H]"""
         features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features).squeeze(-1), hidden
+        out = self.head(features)
+        return (out.squeeze(-1) if self.squeeze else out), hidden
 
 
-class AgentQ(nn.Module):
+class AgentQ(Critic):
     """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
 
     def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
-        super().__init__()
-        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
-
-    def forward(self, x, hidden, masks):
-        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
-        features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features), hidden
+        super().__init__(input_dim, hidden_dim, recurrent, n_actions)
 
 
 class QMixer(nn.Module):
@@ -426,19 +417,14 @@ def to_chunks(x, chunk_len, pad_value=0.0):
     return padded.reshape(n_windows, chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
 
 
-def one_hot_ids(num_agents, batch_shape, device):
-    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
-    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
-
-
 def actor_input(obs):
-    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
-    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+    """obs [*batch, N, D] -> the agent's observation ++ its one-hot id [*batch, N, D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([obs, torch.eye(num_agents, device=obs.device).expand(*obs.shape[:-1], num_agents)], -1)
 
 
 def critic_input(obs, state):
-    """MAPPO's agent-specific critic input: global state ++ own observation ++ id. obs [*batch, N, D], state [*batch, S]
-    -> [*batch, N, S + D + N]"""
+    """MAPPO's agent-specific critic input, state ++ observation ++ id: obs [*batch, N, D], state [*batch, S] -> [.., S+D+N]"""
     num_agents = obs.shape[-2]
     return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
 
@@ -457,8 +443,7 @@ MPE_TASKS = {
 MPE_MAX_CYCLES = 25  # episode length (time limit; these tasks have no success termination)
 MPE_DT, MPE_DAMPING, MPE_SENSITIVITY = 0.1, 0.25, 5.0  # core.World.dt / .damping, SimpleEnv._set_action's sensitivity
 MPE_CONTACT_FORCE, MPE_CONTACT_MARGIN = 1e2, 1e-3  # core.World.contact_force / .contact_margin
-LINE_TOTAL_SEP = 1.25  # simple_line: distance between its two landmarks
-FORMATION_RADIUS = 0.5  # simple_formation: radius of the target circle
+LINE_TOTAL_SEP, FORMATION_RADIUS = 1.25, 0.5  # simple_line's distance between its landmarks, simple_formation's circle
 # discrete action -> direction of the push (SimpleEnv._set_action): no-op, left, right, down, up
 MPE_ACTION_DIRECTIONS = np.array([[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
 
@@ -469,10 +454,9 @@ def xy_norm(v: np.ndarray) -> np.ndarray:
 
 
 def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> np.ndarray:
-    """Agent-to-target distances of the cheapest one-to-one matching, as mpe2's linear_sum_assignment gives them:
-    dists [E, N agents, N targets] -> [E, N] (entry k: agent k's distance to its matched target). With `perms` (all N!
-    matchings, [P, N]) every matching is scored at once and the cheapest taken: scipy's optimum, batched over envs
-    (faster for N <= 5). Otherwise scipy solves each env in turn."""
+    """Agent-to-target distances of the cheapest one-to-one matching, as mpe2's linear_sum_assignment gives them: dists
+    [E, N agents, N targets] -> [E, N] (agent k's distance to its target). With `perms` (all N! matchings, [P, N]) all are
+    scored at once, batched over envs (scipy's optimum, faster for N <= 5); otherwise scipy solves each env in turn."""
     if perms is None:
         return np.stack([d[linear_sum_assignment(d)] for d in dists])
     matched = dists[:, np.arange(dists.shape[1])[:, None], perms.T]  # [E, N, P]: agent k's distance under matching p
@@ -482,88 +466,72 @@ def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> n
 
 class NumpyMPE:
     """All envs of one MPE task stepped together as arrays (a batched port of mpe2). Env i draws its initial states from
-    np.random.default_rng(seeds[i]), the generator mpe2 builds in `env.reset(seed=seeds[i])`, in mpe2's order, so both
-    give the same episodes. An env whose episode ends (after 25 steps) is reset inside `step`: its returned obs is the
-    first obs of its next episode."""
+    np.random.default_rng(seeds[i]), as mpe2's `env.reset(seed=seeds[i])` does, in mpe2's order: both give the same
+    episodes. An env whose episode ends (after 25 steps) is reset in `step`, which returns its next episode's first obs."""
 
     WORLD = ("pos", "vel", "landmarks", "targets", "steps")  # the arrays that, with the generators, make the state
 
     def __init__(self, task: str, num_agents: int, seeds: list[int], continuous_actions: bool = False):
-        num_envs = len(seeds)
-        self.task, self.num_envs, self.num_agents = task, num_envs, num_agents
-        self.continuous_actions = continuous_actions
+        E, N = len(seeds), num_agents
+        self.task, self.num_envs, self.num_agents, self.continuous_actions = task, E, N, continuous_actions
         _, self.agent_size, self.local_ratio = MPE_TASKS[task]
         self.n_actions = self.action_dim = 5  # Discrete(5) / Box(0, 1, (5,)): no-op, left, right, down, up
         self.max_cycles = MPE_MAX_CYCLES
-        self.num_landmarks = {"spread": num_agents, "line": 2, "formation": 1}[task]
+        self.num_landmarks = {"spread": N, "line": 2, "formation": 1}[task]
         # obs = [own vel, own pos, landmark positions, (spread:) other agents' positions and their (silent, zero) comms]
-        self.obs_dim = 4 + 2 * self.num_landmarks + (4 * (num_agents - 1) if task == "spread" else 0)
+        self.obs_dim = 4 + 2 * self.num_landmarks + (4 * (N - 1) if task == "spread" else 0)
         self.rngs = [np.random.default_rng(seed) for seed in seeds]
-        # others[i] = the agents other than i, in order (spread's observation)
-        self.others = np.array([[j for j in range(num_agents) if j != i] for i in range(num_agents)])  # [N, N-1]
+        self.others = np.array([[j for j in range(N) if j != i] for i in range(N)])  # [N, N-1]: the agents other than i
         # line / formation: all N! matchings, scored at once where that beats scipy's per-env loop (N <= 5)
-        self.perms = np.array(list(itertools.permutations(range(num_agents)))) if num_agents <= 5 else None
-        self.pos = np.zeros((num_envs, num_agents, 2))  # agents' positions
-        self.vel = np.zeros((num_envs, num_agents, 2))
-        self.landmarks = np.zeros((num_envs, self.num_landmarks, 2))
-        # the points agents are matched to: line: evenly spaced between its landmarks (set at reset); formation: a circle
-        self.targets = np.zeros((num_envs, num_agents, 2))
-        self.steps = np.zeros(num_envs, dtype=np.int64)
+        self.perms = np.array(list(itertools.permutations(range(N)))) if N <= 5 else None
+        # the world: agents' positions and velocities, landmarks, and the points agents are matched to (line: evenly
+        # spaced between its landmarks, set at reset; formation: a circle), and each env's step in its episode
+        self.pos, self.vel, self.targets = np.zeros((E, N, 2)), np.zeros((E, N, 2)), np.zeros((E, N, 2))
+        self.landmarks, self.steps = np.zeros((E, self.num_landmarks, 2)), np.zeros(E, dtype=np.int64)
 
     def _reset_envs(self, env_ids: np.ndarray):
         """Scenario.reset_world for the envs in env_ids: agents and landmarks placed uniformly at random, at rest."""
-        n, num_agents = len(env_ids), self.num_agents
+        n, N = len(env_ids), self.num_agents
         # each env draws all its uniforms from its own generator, in reset_world's order; uniform(lo, hi) = lo + (hi-lo) * U
-        num_draws = 2 * num_agents + {"spread": 2 * num_agents, "line": 3, "formation": 2}[self.task]
+        num_draws = 2 * N + {"spread": 2 * N, "line": 3, "formation": 2}[self.task]
         draws = np.stack([self.rngs[i].random(num_draws) for i in env_ids])  # [n, num_draws]
-        self.pos[env_ids] = (-1.0 + 2.0 * draws[:, : 2 * num_agents]).reshape(n, num_agents, 2)
-        self.vel[env_ids] = 0.0
-        self.steps[env_ids] = 0
-        rest = draws[:, 2 * num_agents :]
+        self.pos[env_ids] = (-1.0 + 2.0 * draws[:, : 2 * N]).reshape(n, N, 2)
+        self.vel[env_ids], self.steps[env_ids] = 0.0, 0
+        rest = draws[:, 2 * N :]
         if self.task == "spread":
-            self.landmarks[env_ids] = (-1.0 + 2.0 * rest).reshape(n, num_agents, 2)
+            self.landmarks[env_ids] = (-1.0 + 2.0 * rest).reshape(n, N, 2)
         elif self.task == "formation":
             self.landmarks[env_ids, 0] = -0.5 + 1.0 * rest
         else:  # line: landmark 0 near the centre, landmark 1 at LINE_TOTAL_SEP in a random direction inside [-1, 1]^2
-            start = -0.25 + 0.5 * rest[:, :2]  # [n, 2]
-            theta = 0.0 + 2 * np.pi * rest[:, 2]  # [n]
-            end = start + LINE_TOTAL_SEP * np.stack([np.cos(theta), np.sin(theta)], axis=1)
-            outside = ~((np.abs(end[:, 0]) < 1.0) & (np.abs(end[:, 1]) < 1.0))
-            while outside.any():  # rotate by 5 degrees until inside, as reset_world does (vectorised over envs)
-                theta[outside] += np.radians(5)
-                end = start + LINE_TOTAL_SEP * np.stack([np.cos(theta), np.sin(theta)], axis=1)
+            start, theta = -0.25 + 0.5 * rest[:, :2], 0.0 + 2 * np.pi * rest[:, 2]  # [n, 2], [n]
+            while True:  # rotate by 5 degrees until inside, as reset_world does (vectorised over envs)
+                direction = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # [n, 2]
+                end = start + LINE_TOTAL_SEP * direction
                 outside = ~((np.abs(end[:, 0]) < 1.0) & (np.abs(end[:, 1]) < 1.0))
-            direction = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # [n, 2]
+                if not outside.any():
+                    break
+                theta[outside] += np.radians(5)
             self.landmarks[env_ids] = np.stack([start, end], axis=1)
-            spacing = LINE_TOTAL_SEP / (num_agents - 1) if num_agents > 1 else 0.0
-            offsets = (np.arange(num_agents) * spacing)[None, :, None] * direction[:, None]  # [n, N, 2]
-            self.targets[env_ids] = start[:, None] + offsets
+            spacing = LINE_TOTAL_SEP / (N - 1) if N > 1 else 0.0
+            self.targets[env_ids] = start[:, None] + (np.arange(N) * spacing)[None, :, None] * direction[:, None]
 
     def _observe(self) -> np.ndarray:
         """Scenario.observation for every agent of every env: [E, N, obs_dim] float32."""
-        parts = [
-            self.vel,
-            self.pos,
-            (self.landmarks[:, None] - self.pos[:, :, None]).reshape(self.num_envs, self.num_agents, -1),
-        ]
-        if self.task == "spread":
-            others = self.pos[:, self.others] - self.pos[:, :, None]  # [E, N, N-1, 2]: [:, i, k] = pos_others[i, k] - pos_i
-            parts += [
-                others.reshape(self.num_envs, self.num_agents, -1),
-                np.zeros((self.num_envs, self.num_agents, 2 * (self.num_agents - 1))),
-            ]
+        E, N = self.num_envs, self.num_agents
+        parts = [self.vel, self.pos, (self.landmarks[:, None] - self.pos[:, :, None]).reshape(E, N, -1)]
+        if self.task == "spread":  # others[:, i, k] = pos_others[i, k] - pos_i, then the zero comms
+            others = self.pos[:, self.others] - self.pos[:, :, None]  # [E, N, N-1, 2]
+            parts += [others.reshape(E, N, -1), np.zeros((E, N, 2 * (N - 1)))]
         return np.concatenate(parts, axis=2).astype(np.float32)
 
     def _rewards(self) -> np.ndarray:
         """SimpleEnv._execute_world_step's rewards: global * (1 - local_ratio) + own * local_ratio, [E, N]."""
-        if self.task == "spread":
-            # global: minus the sum over landmarks of the closest agent's distance
-            dist_to_landmarks = xy_norm(self.pos[:, :, None] - self.landmarks[:, None])  # [E, N, L]
-            global_reward = -dist_to_landmarks.min(axis=1).sum(axis=1)  # [E]
+        own_reward = np.zeros((self.num_envs, self.num_agents))  # line / formation: Scenario.reward is 0
+        if self.task == "spread":  # global: minus the sum over landmarks of the closest agent's distance
+            global_reward = -xy_norm(self.pos[:, :, None] - self.landmarks[:, None]).min(axis=1).sum(axis=1)  # [E]
             # own: -1 per other agent overlapping this one (Scenario.is_collision)
             dist = xy_norm(self.pos[:, :, None] - self.pos[:, None])  # [E, N, N]
-            overlap = (dist < 2 * self.agent_size) & ~np.eye(self.num_agents, dtype=bool)
-            own_reward = -1.0 * overlap.sum(axis=2)  # [E, N]
+            own_reward = -1.0 * ((dist < 2 * self.agent_size) & ~np.eye(self.num_agents, dtype=bool)).sum(axis=2)
         else:
             if self.task == "formation":  # targets: a circle around the landmark, anchored at the smallest agent angle
                 rel = self.pos - self.landmarks  # [E, N, 2]
@@ -573,10 +541,8 @@ class NumpyMPE:
                 circle = FORMATION_RADIUS * np.stack([np.cos(target_angle), np.sin(target_angle)], axis=2)  # [E, N, 2]
                 self.targets = self.landmarks + circle
             # global: minus the mean distance (clipped to [0, 2]) of agents to their matched targets (_compute_line/formation)
-            dists = xy_norm(self.pos[:, :, None] - self.targets[:, None])  # [E, N, N]
-            matched = optimal_matching_distances(dists, self.perms)
+            matched = optimal_matching_distances(xy_norm(self.pos[:, :, None] - self.targets[:, None]), self.perms)
             global_reward = -np.mean(np.clip(matched, 0, 2), axis=1)
-            own_reward = np.zeros((self.num_envs, self.num_agents))  # line / formation: Scenario.reward is 0
         return global_reward[:, None] * (1 - self.local_ratio) + own_reward * self.local_ratio
 
     def reset(self) -> np.ndarray:
@@ -605,8 +571,7 @@ class NumpyMPE:
         delta = self.pos[:, :, None] - self.pos[:, None]  # [E, N, N, 2]
         dist = xy_norm(delta)  # [E, N, N]
         dist[:, np.arange(self.num_agents), np.arange(self.num_agents)] = np.inf  # no force of an agent on itself
-        k = MPE_CONTACT_MARGIN
-        penetration = np.logaddexp(0, -(dist - 2 * self.agent_size) / k) * k
+        penetration = np.logaddexp(0, -(dist - 2 * self.agent_size) / MPE_CONTACT_MARGIN) * MPE_CONTACT_MARGIN
         contact = MPE_CONTACT_FORCE * delta / dist[..., None] * penetration[..., None]  # [E, N, N, 2]
         # summed in mpe2's order: the push first, then the other agents in index order
         force = np.concatenate([push[:, :, None] * MPE_SENSITIVITY, contact], axis=2).sum(axis=2)  # [E, N, 2]
@@ -633,14 +598,12 @@ class MPE2Envs:
         kwargs = {"local_ratio": MPE_TASKS[task][2]} if task == "spread" else {}  # line / formation fix theirs to 0
         kwargs |= {"N": num_agents, "max_cycles": MPE_MAX_CYCLES, "continuous_actions": continuous_actions}
         self.envs = [module.parallel_env(render_mode=render_mode, **kwargs) for _ in seeds]
-        self.agents = self.envs[0].possible_agents
-        self.num_envs, self.num_agents, self.seeds = len(seeds), num_agents, seeds
-        self.continuous_actions = continuous_actions
+        self.agents, self.seeds, self.seeded = self.envs[0].possible_agents, seeds, False
+        self.num_envs, self.num_agents, self.continuous_actions = len(seeds), num_agents, continuous_actions
         self.obs_dim = self.envs[0].observation_space(self.agents[0]).shape[0]
         action_space = self.envs[0].action_space(self.agents[0])
         self.n_actions = self.action_dim = action_space.shape[0] if continuous_actions else action_space.n
         self.max_cycles = MPE_MAX_CYCLES
-        self.seeded = False
 
     def _stack(self, obs: dict) -> np.ndarray:
         return np.stack([obs[agent] for agent in self.agents])  # [N, obs_dim]
@@ -683,8 +646,7 @@ def make_envs(args, seeds, render_mode=None):
 
 @torch.no_grad()
 def evaluate(actor, envs, hidden_dim, device, frames=None):
-    """Runs one greedy episode (argmax of the masked logits, fresh hidden states) in each env of envs, to its own end.
-    -> episodic team returns [num_envs]. With a list as frames, appends envs.render() after every step."""
+    """One greedy episode (fresh hidden states) in each env of envs -> team returns [num_envs]; frames: gets the renders."""
     obs = torch.as_tensor(envs.reset(), device=device)
     hidden = torch.zeros(envs.num_envs, envs.num_agents, hidden_dim, device=device)
     masks = torch.ones(1, envs.num_envs, envs.num_agents, device=device)
@@ -703,7 +665,10 @@ def evaluate(actor, envs, hidden_dim, device, frames=None):
     return returns
 
 
-def save_gif(frames, path):
+def save_video(actor, args, seed, device, path):
+    """--capture-video: one greedy episode of an env seeded by env_seeds(seed, "video", 1), rendered by mpe2 to a GIF."""
+    frames = []
+    evaluate(actor, make_envs(args, env_seeds(seed, "video", 1), "rgb_array"), args.hidden_dim, device, frames)
     imageio = require("imageio", "pip install imageio", "--capture-video")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     imageio.mimsave(path, frames, duration=100, loop=0)
@@ -783,7 +748,8 @@ def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, 
 
 
 class JointQ(nn.Module):
-    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action."""
+    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action:
+    state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]."""
 
     def __init__(self, state_dim, num_agents, n_actions, hidden_dim):
         super().__init__()
@@ -797,7 +763,6 @@ class JointQ(nn.Module):
         )
 
     def forward(self, state, actions):
-        """state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]"""
         joint_action = F.one_hot(actions, self.n_actions).flatten(-2).to(state.dtype)
         return self.net(torch.cat([state, joint_action], -1)).squeeze(-1)
 
@@ -836,10 +801,8 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
+        rollout = f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        fail(f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout {rollout}")
     n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
     if not 1 <= args.num_minibatches <= n_chunks:
         fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
@@ -946,8 +909,7 @@ class Preemption:
 
 
 def evaluate_saved_model(args: Args, device: torch.device) -> None:
-    """--eval-only: loads a model saved with --save-model, evaluates it greedily (and renders it with --capture-video),
-    then exits."""
+    """--eval-only: evaluates a model saved with --save-model greedily (and renders it with --capture-video), then exits."""
     try:  # a checkpoint.pt holds generator states, which weights_only refuses: it is for --resume
         model = torch.load(args.eval_only, map_location=device, weights_only=True)
     except Exception as error:
@@ -957,13 +919,10 @@ def evaluate_saved_model(args: Args, device: torch.device) -> None:
     actor = Actor(envs.obs_dim + saved.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
     actor.load_state_dict(model["actor"])
     returns = evaluate(actor, envs, saved.hidden_dim, device)
-    print(
-        f"{args.eval_only}: {saved.task}, {len(returns)} greedy episodes, return {returns.mean():.2f} +- {returns.std():.2f}"
-    )
+    mean_std = f"{returns.mean():.2f} +- {returns.std():.2f}"
+    print(f"{args.eval_only}: {saved.task}, {len(returns)} greedy episodes, return {mean_std}")
     if args.capture_video:
-        frames = []
-        evaluate(actor, make_envs(saved, env_seeds(args.seed, "video", 1), "rgb_array"), saved.hidden_dim, device, frames)
-        print("video:", save_gif(frames, f"videos/{os.path.basename(args.eval_only)}.gif"))
+        print("video:", save_video(actor, saved, args.seed, device, f"videos/{os.path.basename(args.eval_only)}.gif"))
     sys.exit(0)
 
 
@@ -990,9 +949,8 @@ def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> S
 
 
 def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict, episodes):
-    """--resume: networks, optimisers and generators as they were at the end of the checkpoint's update, and on the
-    NumPy port the envs, the carried-over rollout slot and the running episodes too (mpe2's envs cannot be saved: their
-    episodes start afresh). episodes: (returns, lengths) of the running episodes -> ((last_return, eval_return), episodes)"""
+    """--resume: networks, optimisers, generators and (NumPy port) envs, carried rollout slot and running episodes as at
+    the end of the checkpoint's update. episodes: (returns, lengths) -> ((last_return, eval_return), episodes)"""
     for name, module in stateful.items():
         module.load_state_dict(checkpoint[name])
     set_rng_states(checkpoint["rng"], generators)
@@ -1008,22 +966,14 @@ def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs,
 
 
 def save_checkpoint(path: str, args: Args, run: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict):
-    """The whole training state, written atomically: what restore_checkpoint reads back. run: run_name, update,
-    global_step, last_return, eval_return and the running episodes' returns and lengths."""
-    save_atomically(
-        {
-            "script": os.path.basename(__file__),
-            "args": asdict(args),
-            **run,
-            **{name: module.state_dict() for name, module in stateful.items()},
-            "rng": rng_states(generators),
-            # mpe2's envs cannot be saved: None, and a resumed run starts their episodes afresh
-            "envs": envs.state_dict() if isinstance(envs, NumpyMPE) else None,
-            "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, NumpyMPE) else None,
-            "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
-        },
-        path,
-    )
+    """The whole training state, written atomically, for restore_checkpoint; run: the loop's counters and episodes."""
+    state = {"script": os.path.basename(__file__), "args": asdict(args), **run, "rng": rng_states(generators)}
+    state |= {name: module.state_dict() for name, module in stateful.items()}
+    # mpe2's envs cannot be saved: None, and a resumed run starts their episodes afresh
+    state["envs"] = envs.state_dict() if isinstance(envs, NumpyMPE) else None
+    state["eval_envs"] = eval_envs.state_dict() if isinstance(eval_envs, NumpyMPE) else None
+    state["carried"] = {name: buffer[0].clone().cpu() for name, buffer in carried.items()}  # a view would save it all
+    save_atomically(state, path)
 
 
 def stop_if_not_finite(losses: dict, update: int) -> None:
@@ -1138,8 +1088,7 @@ if __name__ == "__main__":
                 actions[step] = dist.sample()
                 logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]
                 critic_in = critic_input(obs[step : step + 1], state[step : step + 1])
-                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
-                values[step] = values_step[0]
+                values[step : step + 1], critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
                 _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
 
             # TRY NOT TO MODIFY: execute the game and log data.
@@ -1194,10 +1143,8 @@ if __name__ == "__main__":
         rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
         rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
-        batch = {
-            name: to_chunks(x, args.chunk_len, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
-            for name, x in rollout.items()
-        }
+        pad_values = {"masks": 1.0, "avail_actions": 1.0}
+        batch = {name: to_chunks(x, args.chunk_len, pad_values.get(name, 0.0)) for name, x in rollout.items()}
         hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
         start_hidden = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk
 
@@ -1257,41 +1204,34 @@ if __name__ == "__main__":
         # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/nu", nu, global_step)
-        for name, value in stats.items():
-            writer.add_scalar(f"losses/{name}", value.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
-        writer.add_scalar("charts/q_tot_mean", diagnostics.pop("q_tot_mean").item(), global_step)
-        for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items():
-            writer.add_scalar(f"diagnostics/{name}", value.item(), global_step)
+        scalars = {"charts/SPS": sps, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"], "charts/nu": nu}
+        scalars |= {f"losses/{name}": value.item() for name, value in stats.items()}
+        scalars["losses/explained_variance"] = explained_var.item()
+        scalars["charts/q_tot_mean"] = diagnostics.pop("q_tot_mean").item()
+        diagnostics["dpg_grad_ratio"] = dpg_grad_ratio
         if grad_var is not None:
-            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+            diagnostics["grad_var"] = grad_var
+        scalars |= {f"diagnostics/{name}": value.item() for name, value in diagnostics.items()}
         if joint_q is not None:
-            writer.add_scalar("losses/joint_q_loss", joint_q_loss.item(), global_step)
+            scalars["losses/joint_q_loss"] = joint_q_loss.item()
         if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
             last_return = np.mean(finished_returns)
+            scalars |= {"charts/episodic_return": last_return, "charts/episodic_length": np.mean(finished_lengths)}
             finished_returns, finished_lengths = [], []
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step)
 
         # EVALUATE: greedy episodes with fresh hidden states on separate envs
         if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
             eval_return = evaluate(actor, eval_envs, H, device).mean()
             writer.add_scalar("eval/episodic_return", eval_return, global_step)
             if args.capture_video:
-                frames = []
-                evaluate(actor, make_envs(args, env_seeds(args.seed, "video", 1), "rgb_array"), H, device, frames)
-                save_gif(frames, f"videos/{run_name}/update_{update}.gif")
+                save_video(actor, args, args.seed, device, f"videos/{run_name}/update_{update}.gif")
 
         if time.time() - last_print > 10 or update == args.num_updates:
             last_print = time.time()
-            print(
-                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
-                f"return {last_return:.2f} | eval {eval_return:.2f} | rvar {diagnostics['rvar'].item():.3f}",
-                flush=True,
-            )
+            progress = f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f}"
+            print(f"{progress} | eval {eval_return:.2f} | rvar {diagnostics['rvar'].item():.3f}", flush=True)
 
         # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
@@ -1304,10 +1244,8 @@ if __name__ == "__main__":
 
     if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
         wall = time.time() - start_time
-        print(
-            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
-            f"env stepping took {env_time / wall:.0%} of the time"
-        )
+        sps = int((global_step - start_step) / wall)
+        print(f"done: {global_step} env steps in {wall:.0f} s, {sps} SPS; env stepping took {env_time / wall:.0%} of the time")
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
             model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
