@@ -1,8 +1,8 @@
 """MAIPG on the StarCraft Multi-Agent Challenge: real StarCraft II (SMAC) where it is installed, JaxMARL's SMAX elsewhere.
 
 Multi-Agent Interpolated Policy Gradients (the paper's eq. (10) and Algorithm 1) is MAPPO plus one deterministic,
-low-variance term: the actor minimises (1 - nu) * L_clip + nu * L_dpg - c_ent * H, L_dpg = -Q_tot(s, mu(o)) / N, where
-L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the N agents, hence L_dpg's 1 / N), Q_tot a
+low-variance term: the actor minimises (1 - nu) * L_clip + nu * L_dpg - c_ent * H, L_dpg = -Q_tot(s, mu(o)) / N_alive,
+where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the alive agents, hence the 1 / N_alive), Q_tot a
 factorized Q-function (per-agent Q_i mixed by QMIX or VDN) learned with TD(lambda), and mu the reparameterised
 deterministic policy (a straight-through Gumbel-Softmax sample over the available actions). nu = 0 is exactly MAPPO.
 
@@ -362,15 +362,17 @@ def value_loss(values, old_values, targets, weights, clip_coef, huber_delta):
     return weighted_mean(loss, weights)
 
 
-def dpg_loss(mu, q_values, state, mixer, weights, value_norm):
-    """L_dpg = -Q_tot(s, mu(o)) / N in reward units (eq. (10), second term: divided by the number of agents N, as
-    L_clip is a mean over agents, so that per agent the two terms weigh (1 - nu) : nu as in eq. (10)). mu [*batch, N, A]
-    (one-hot), q_values [*batch, N, A], state [*batch, S], weights [*batch]. Q-values and mixer weights enter as
-    constants, so the gradient reaches only the actor, via mu."""
+def dpg_loss(mu, q_values, state, mixer, weights, active_masks, value_norm):
+    """L_dpg = -Q_tot(s, mu(o)) / N_alive in reward units (eq. (10), second term). L_clip is a mean over alive
+    agent-steps, so Q_tot is divided at each step by the number of agents alive there: per alive agent the two terms
+    weigh (1 - nu) : nu as in eq. (10) (where every agent lives the factor is exactly 1 and the divisor is N).
+    mu [*batch, N, A] (one-hot), q_values [*batch, N, A], state [*batch, S], weights [*batch], active_masks [*batch, N].
+    Q-values and mixer weights enter as constants, so the gradient reaches only the actor, via mu."""
     agent_qs = (mu * q_values.detach()).sum(-1)
     frozen_mixer = {name: param.detach() for name, param in mixer.named_parameters()}
     q_tot = value_norm.denormalize(torch.func.functional_call(mixer, frozen_mixer, (agent_qs, state)))
-    return -weighted_mean(q_tot, weights) / mu.shape[-2]
+    n_agents = mu.shape[-2]
+    return -weighted_mean(q_tot * (n_agents / active_masks.sum(-1).clamp(min=1)), weights) / n_agents
 
 
 def actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args):
@@ -385,7 +387,7 @@ def actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args):
     dpg = torch.zeros(())
     if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
         mu = gumbel_straight_through(logits)  # [L, B, N, A], section 3.2's reparameterised mu
-        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], value_norm) / dpg_scale
+        dpg = dpg_loss(mu, q_values, mb["state"], mixer, mb["valid"], mb["active_masks"], value_norm) / dpg_scale
     loss = (1 - nu) * pg_loss + nu * dpg - args.ent_coef * entropy
     return loss, {"policy_loss": pg_loss, "dpg_loss": dpg, "entropy": entropy, "approx_kl": approx_kl, "clipfrac": clipfrac}
 

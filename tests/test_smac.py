@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import sc2_standin
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import maipg_smac
@@ -253,6 +254,26 @@ def test_log_grad_var_leaves_training_as_it_was(smax_dir):
     for part in maipg_smac.MODEL_PARTS:
         for key, value in models["plain"][part].items():
             assert torch.equal(value, models["grad_var"][part][key]), f"--log-grad-var changed {part}.{key}"
+
+
+def test_dpg_loss_weighs_every_alive_agent_as_eq_10():
+    """L_clip is a mean over alive agent-steps, so L_dpg divides Q_tot at each step by the number of agents alive
+    there: with VDN (dQ_tot/dQ_i = 1) and ValueNorm's scale s, d L_dpg / d mu_i = -s * Q_i / (n_alive * steps). Where
+    every agent lives the factor is exactly 1: the loss is -Q_tot / N bit for bit."""
+    torch.manual_seed(0)
+    steps, n_agents, n_actions = 3, 3, 4
+    q_values = torch.randn(steps, n_agents, n_actions)
+    mu = F.one_hot(torch.randint(n_actions, (steps, n_agents)), n_actions).float().requires_grad_()
+    active = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # 3, 2 and 1 agents alive
+    value_norm, mixer, state, weights = maipg_smac.ValueNorm(), maipg_smac.VDNMixer(), torch.zeros(steps, 2), torch.ones(steps)
+    value_norm.update(torch.tensor([1.0, 5.0]))
+    scale = value_norm.mean_var()[1].sqrt()
+    (grad,) = torch.autograd.grad(maipg_smac.dpg_loss(mu, q_values, state, mixer, weights, active, value_norm), mu)
+    weight_per_alive_agent = grad / (-scale * q_values / steps)
+    assert torch.allclose(weight_per_alive_agent, (1 / active.sum(-1))[:, None, None].expand_as(grad))
+    all_alive = maipg_smac.dpg_loss(mu, q_values, state, mixer, weights, torch.ones(steps, n_agents), value_norm)
+    q_tot = value_norm.denormalize(mixer((mu * q_values).sum(-1), state))
+    assert torch.equal(all_alive, -maipg_smac.weighted_mean(q_tot, weights) / n_agents)
 
 
 def test_smax_masking_holds_over_many_steps(smax_dir):
