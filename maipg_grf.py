@@ -201,8 +201,8 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """V_phi on the agent-specific critic input, in ValueNorm's normalised units; with n_actions, the agent Q-network
-    Q_psi_i(s, .), the same architecture with one output per action (App. D): Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units -> values [L, *batch], hidden [*batch, H];
+    with n_actions, one output per action: q_values [L, *batch, n_actions] (AgentQ)."""
 
     def __init__(self, input_dim, hidden_dim, recurrent, n_actions=None):
         super().__init__()
@@ -210,10 +210,17 @@ class Critic(nn.Module):
         self.head = layer_init(nn.Linear(hidden_dim, n_actions or 1), std=1.0)
         self.squeeze = n_actions is None
 
-    def forward(self, x, hidden, masks):  # -> values [L, *batch] (or q_values [L, *batch, n_actions]), hidden
+    def forward(self, x, hidden, masks):
         features, hidden = self.trunk(x, hidden, masks)
         out = self.head(features)
         return (out.squeeze(-1) if self.squeeze else out), hidden
+
+
+class AgentQ(Critic):
+    """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
+
+    def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
+        super().__init__(input_dim, hidden_dim, recurrent, n_actions)
 
 
 class QMixer(nn.Module):
@@ -975,7 +982,7 @@ if __name__ == "__main__":
     # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1)
-        agent_q = Critic(state_dim + obs_dim + N, H, args.recurrent, n_actions=A).to(device)  # Q_psi_i
+        agent_q = AgentQ(state_dim + obs_dim + N, A, H, args.recurrent).to(device)
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)  # V's statistics, which Q_tot's targets are normalised by too (q_loss)
