@@ -569,6 +569,18 @@ def rvar(advantages, control_variate, weights):
     return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
 
 
+def correlation(x, y, weights):
+    """The weighted Pearson correlation of x and y: 1 - corr(A, C)^2 is the lowest RVar any rescaling eta * C reaches."""
+    covariance = weighted_mean((x - weighted_mean(x, weights)) * (y - weighted_mean(y, weights)), weights)
+    return covariance / (weighted_var(x, weights) * weighted_var(y, weights)).sqrt().clamp(min=1e-8)
+
+
+def explained_variance(predictions, targets, weights):
+    """1 - Var(targets - predictions) / Var(targets) over the weighted entries: 1 predicts them exactly, 0 no better
+    than their mean."""
+    return 1 - weighted_var(targets - predictions, weights) / weighted_var(targets, weights).clamp(min=1e-8)
+
+
 def grad_variance(grads):
     """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
     return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
@@ -584,12 +596,16 @@ def grad_norm_ratio(numerator, denominator, params):
 
 
 def gaussian_rollout_diagnostics(
-    raw_advantages, weights, q_features, actions, means, log_std, act_mask, state, agent_q, mixer, value_norm, rng, k=8
+    raw_advantages, weights, q_features, actions, means, log_std, act_mask, state, agent_q, mixer, value_norm, rng, q_targets
 ):
-    """rvar: Var(A - C) / Var(A), C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    """Before the update trains on the rollout (q_targets: Q_tot's TD(lambda) and Monte Carlo targets, each [T, E]):
+    rvar: Var(A - C) / Var(A), C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
+    cv_corr: corr(A, C) (1 - cv_corr^2: the lowest RVar any rescaling of C reaches); rvar_own: the RVar of agent i's part
+    C_i = Q_tot(s, a) - mean_k Q_tot(s, a_i^k, a_-i) (what its likelihood-ratio term can use, eq. (12));
+    q_explained_variance(_mc): Q_tot(s, a)'s explained variance of its TD(lambda) (Monte Carlo) targets;
     mixer_slope: median dQ_tot/dQ_i at the taken (clipped) actions (near 0 the mixer saturates and L_dpg does nothing);
     q_gap: median slope * (max_k Q_i(a^k) - min_k Q_i(a^k)), Q_tot's action gap in reward units (exact for VDN); q_tot_mean."""
-    T, E, N, H = q_features.shape
+    (T, E, N, H), k = q_features.shape, 8  # k: the actions drawn from pi per agent-step
     q_taken = agent_q.q(q_features, actions).requires_grad_()  # [T, E, N]
     with torch.enable_grad():
         q_tot_taken = mixer(q_taken, state)  # [T, E]
@@ -599,10 +615,18 @@ def gaussian_rollout_diagnostics(
     sampled = (means + log_std.exp() * noise) * act_mask  # [k, T, E, N, act_dim]
     q_sampled = agent_q.q(q_features.expand(k, T, E, N, H), sampled)  # [k, T, E, N]
     control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    # agent i's action replaced by its k samples, the others' kept: [k, T, E, N (agent i), N]
+    own = torch.eye(N, dtype=torch.bool, device=q_taken.device)
+    q_swapped = torch.where(own, q_sampled.unsqueeze(-1), q_taken.detach()[None, :, :, None, :])
+    own_control = q_tot_taken.unsqueeze(-1) - value_norm.denormalize(mixer(q_swapped, state[None, :, :, None, :])).mean(0)
     q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
-    active = weights.bool()
+    active, steps = weights.bool(), weights.amax(-1)
     return {
         "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "cv_corr": correlation(raw_advantages, control_variate.unsqueeze(-1).expand_as(raw_advantages), weights),
+        "rvar_own": rvar(raw_advantages, own_control, weights),
+        "q_explained_variance": explained_variance(q_tot_taken, q_targets[0], steps),
+        "q_explained_variance_mc": explained_variance(q_tot_taken, q_targets[1], steps),
         "mixer_slope": slope[active].median(),
         "q_gap": (q_scale * slope * (q_sampled.amax(0) - q_sampled.amin(0)))[active].median(),
         "q_tot_mean": q_tot_taken.mean(),
@@ -992,11 +1016,12 @@ if __name__ == "__main__":
             q_rewards = time_limit_rewards(rewards, final_q_tot, time_limits, args.gamma)  # [T, E]
             q_returns = td_lambda_targets(q_rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
-            # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
+            # DIAGNOSTICS of the rollout: RVar (Figure 1) and how much of it any Q could remove, Q's fit, the mixer
             q_features = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, H]
+            mc_returns = td_lambda_targets(q_rewards, q_tot_target, masks, args.gamma, 1.0)  # lambda = 1: Monte Carlo
             diagnostics = gaussian_rollout_diagnostics(
                 raw_advantages, active, q_features, actions, rollout_means, actor.log_std, act_mask, state[:T], agent_q,
-                mixer, value_norm, diagnostics_rng
+                mixer, value_norm, diagnostics_rng, (q_returns, mc_returns)
             )  # fmt: skip
 
         # CHUNKS (Algorithm 1, line 12): [T, E, ...] -> [chunk_len, W * E, ...] windows of all agents of one env (Q_tot

@@ -56,7 +56,8 @@ def scalars(cwd):
 LOGGED = {"charts/SPS", "charts/learning_rate", "charts/q_tot_mean", "charts/episodic_return", "charts/episodic_length"}
 LOGGED |= {f"losses/{name}" for name in ("policy_loss", "dpg_loss", "value_loss", "q_loss", "entropy", "approx_kl")}
 LOGGED |= {"losses/clipfrac", "losses/explained_variance", "diagnostics/rvar", "eval/episodic_return", "charts/nu"}
-LOGGED |= {"diagnostics/mixer_slope", "diagnostics/q_gap", "diagnostics/dpg_grad_ratio"}
+LOGGED |= {"diagnostics/mixer_slope", "diagnostics/q_gap", "diagnostics/dpg_grad_ratio", "diagnostics/cv_corr"}
+LOGGED |= {"diagnostics/rvar_own", "diagnostics/q_explained_variance", "diagnostics/q_explained_variance_mc"}
 
 
 def assert_logged_and_finite(cwd, expected):

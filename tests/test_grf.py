@@ -59,6 +59,10 @@ LOGGED_EVERY_UPDATE = {
     "diagnostics/mixer_slope",
     "diagnostics/q_gap",
     "diagnostics/dpg_grad_ratio",
+    "diagnostics/cv_corr",
+    "diagnostics/rvar_own",
+    "diagnostics/q_explained_variance",
+    "diagnostics/q_explained_variance_mc",
 }
 
 # The stand-in's episodes: STUB_EPISODE_LENGTH steps each, and episode k scores STUB_GOALS[k % 4] (step -> score_reward):

@@ -81,6 +81,8 @@ def test_logged_keys(tmp_path):
     expected |= {"losses/clipfrac", "losses/explained_variance", "losses/joint_q_loss", "eval/episodic_return"}
     expected |= {"diagnostics/rvar", "diagnostics/rvar_joint", "diagnostics/grad_var", "charts/nu"}
     expected |= {"diagnostics/mixer_slope", "diagnostics/q_gap", "diagnostics/dpg_grad_ratio"}
+    expected |= {"diagnostics/cv_corr", "diagnostics/rvar_own", "diagnostics/q_explained_variance"}
+    expected |= {"diagnostics/q_explained_variance_mc"}
     assert expected <= set(logged), expected - set(logged)
     assert all(len(values) == 2 for values in logged.values())  # one value per update
     assert all(value > 0 for value in logged["diagnostics/rvar"] + logged["diagnostics/grad_var"])

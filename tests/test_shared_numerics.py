@@ -52,7 +52,10 @@ DISCRETE = ["gumbel_straight_through", "dpg_loss", "actor_loss", "rollout_diagno
 # the continuous script has a function of the same name with Gaussian arguments: these are compared among the others
 DISCRETE_ONLY = ["actor_grad_variance"]
 DISCRETE_SCRIPTS = [name for name in SCRIPTS if name != "maipg_continuous"]
-IDENTITY_NORM = types.SimpleNamespace(normalize=lambda x: x, denormalize=lambda x: x)  # a ValueNorm at mean 0, std 1
+# a ValueNorm at mean 0, std 1
+IDENTITY_NORM = types.SimpleNamespace(
+    normalize=lambda x: x, denormalize=lambda x: x, mean_var=lambda: (torch.zeros(()), torch.ones(()))
+)
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -325,6 +328,32 @@ def test_gumbel_backward_is_the_softmax_gradient(discrete_script):
     gumbels = -torch.empty_like(logits).exponential_().log()
     (expected,) = torch.autograd.grad((torch.softmax(logits + gumbels, -1) * weights).sum(), logits)
     torch.testing.assert_close(grad, expected)
+
+
+def test_rollout_diagnostics_split_the_control_variate_and_score_q_on_a_vdn_toy(discrete_script):
+    """With VDN and a deterministic pi (every sample is pi's one action g), C(s, a) = sum_i Q_i(a_i) - Q_i(g_i) and agent
+    i's own part C_i = Q_i(a_i) - Q_i(g_i), exactly. Advantages 3 C + 1 give cv_corr 1 and RVar Var(2 C) / Var(3 C) =
+    4 / 9; advantages C_i give rvar_own 0; TD(lambda) targets equal to Q_tot explain all its variance, Monte Carlo
+    targets Q_tot + d explain 1 - Var(d) / Var(Q_tot + d)."""
+    T, E, N, A = 6, 5, 3, 4
+    torch.manual_seed(0)
+    q_values, actions, greedy = torch.randn(T, E, N, A), torch.randint(0, A, (T, E, N)), torch.randint(0, A, (T, E, N))
+    probs, ones = torch.nn.functional.one_hot(greedy, A).float(), torch.ones(T, E, N)
+    own = (q_values.gather(-1, actions[..., None]) - q_values.gather(-1, greedy[..., None]))[..., 0]  # C_i [T, E, N]
+    control, q_tot = own.sum(-1, keepdim=True).expand(T, E, N), q_values.gather(-1, actions[..., None])[..., 0].sum(-1)
+    noise = torch.randn(T, E)
+    inputs = (q_values, actions, probs, torch.ones(T, E, N, A), torch.zeros(T, E, 1), discrete_script.VDNMixer())
+    rng, targets = torch.Generator().manual_seed(0), (q_tot, q_tot + noise)
+    stats = discrete_script.rollout_diagnostics(3 * control + 1, ones, *inputs, IDENTITY_NORM, rng, None, targets)
+    torch.testing.assert_close(stats["cv_corr"], torch.tensor(1.0))
+    torch.testing.assert_close(stats["rvar"], torch.tensor(4 / 9))
+    torch.testing.assert_close(stats["q_explained_variance"], torch.tensor(1.0))
+    expected_mc = 1 - noise.var(unbiased=False) / (q_tot + noise).var(unbiased=False)
+    torch.testing.assert_close(stats["q_explained_variance_mc"], expected_mc)
+    stats = discrete_script.rollout_diagnostics(own, ones, *inputs, IDENTITY_NORM, rng, None, targets)
+    torch.testing.assert_close(stats["rvar_own"], torch.tensor(0.0))
+    # against A = C_i, the joint C = sum_j C_j adds the other agents' parts: RVar Var(C - C_i) / Var(C_i), near N - 1 here
+    torch.testing.assert_close(stats["rvar"], (control - own).var(unbiased=False) / own.var(unbiased=False))
 
 
 def test_dpg_loss_reaches_only_the_actor():
