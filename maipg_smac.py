@@ -734,6 +734,18 @@ def rvar(advantages, control_variate, weights):
     return weighted_var(advantages - control_variate, weights) / weighted_var(advantages, weights).clamp(min=1e-8)
 
 
+def correlation(x, y, weights):
+    """The weighted Pearson correlation of x and y: 1 - corr(A, C)^2 is the lowest RVar any rescaling eta * C reaches."""
+    covariance = weighted_mean((x - weighted_mean(x, weights)) * (y - weighted_mean(y, weights)), weights)
+    return covariance / (weighted_var(x, weights) * weighted_var(y, weights)).sqrt().clamp(min=1e-8)
+
+
+def explained_variance(predictions, targets, weights):
+    """1 - Var(targets - predictions) / Var(targets) over the weighted entries: 1 predicts them exactly, 0 no better
+    than their mean."""
+    return 1 - weighted_var(targets - predictions, weights) / weighted_var(targets, weights).clamp(min=1e-8)
+
+
 def grad_variance(grads):
     """grads [K, P]: K gradients of one loss on disjoint sub-batches -> mean_k ||g_k - mean(g)||^2 (Figure 4a)."""
     return ((grads - grads.mean(0)) ** 2).sum(-1).mean()
@@ -749,14 +761,18 @@ def grad_norm_ratio(numerator, denominator, params):
 
 
 def rollout_diagnostics(
-    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, k=8
+    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, q_targets, k=8
 ):
-    """The per-update diagnostics of the rollout ([T, E, N] weights; q_values, pi's probs, avail_actions [T, E, N, A]):
+    """The per-update diagnostics of the rollout, before the update trains on it ([T, E, N] weights; q_values, pi's
+    probs, avail_actions [T, E, N, A]; q_targets: Q_tot's TD(lambda) and Monte Carlo targets, each [T, E]):
     rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
-    rvar_joint: the same C from the unfactorized joint Q; mixer_slope: median dQ_tot/dQ_i at the taken actions (near 0
-    the mixer is saturated and L_dpg does nothing); q_gap: median over agents of Q_tot's action gap in reward units,
-    slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact for VDN); q_tot_mean: mean raw Q_tot(s, a)
-    of the rollout's real steps (no padding)."""
+    cv_corr: corr(A, C), so 1 - cv_corr^2 is the lowest RVar any rescaling of C reaches; rvar_own: the RVar of agent i's
+    part C_i = Q_tot(s, a) - E_{a_i' ~ pi_i} Q_tot(s, a_i', a_-i), the expectation exact over its actions (what agent
+    i's likelihood-ratio term can use, eq. (12)); q_explained_variance(_mc): Q_tot(s, a)'s explained variance of its
+    TD(lambda) (Monte Carlo) targets; rvar_joint: rvar's C from the unfactorized joint Q; mixer_slope: median
+    dQ_tot/dQ_i at the taken actions (near 0 the mixer is saturated and L_dpg does nothing); q_gap: median over agents
+    of Q_tot's action gap in reward units, slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact
+    for VDN); q_tot_mean: mean raw Q_tot(s, a) of the rollout's real steps (no padding)."""
     T, E, N, A = q_values.shape
     q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1).requires_grad_()  # [T, E, N]
     with torch.enable_grad():
@@ -766,12 +782,21 @@ def rollout_diagnostics(
     sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
     q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    # agent i's action replaced by each of its actions a_i', the others' kept: [T, E, N (agent i), A (a_i'), N]
+    own = torch.eye(N, dtype=torch.bool, device=q_values.device)[:, None, :]
+    q_swapped = torch.where(own, q_values.unsqueeze(-1), q_taken.detach()[:, :, None, None, :])
+    q_tot_swapped = mixer(q_swapped, state[:, :, None, None, :])  # [T, E, N, A]; the mixer broadcasts the state
+    own_control = q_tot_taken.unsqueeze(-1) - value_norm.denormalize((probs * q_tot_swapped).sum(-1))  # [T, E, N]
     unavailable = avail_actions == 0
     q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
     q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
-    active = weights.bool()
+    active, steps = weights.bool(), weights.amax(-1)  # steps: those with an agent alive
     stats = {
         "rvar": rvar(raw_advantages, control_variate.unsqueeze(-1), weights),
+        "cv_corr": correlation(raw_advantages, control_variate.unsqueeze(-1).expand_as(raw_advantages), weights),
+        "rvar_own": rvar(raw_advantages, own_control, weights),
+        "q_explained_variance": explained_variance(q_tot_taken, q_targets[0], steps),
+        "q_explained_variance_mc": explained_variance(q_tot_taken, q_targets[1], steps),
         "mixer_slope": slope[active].median(),
         "q_gap": (q_scale * slope * q_range)[active].median(),
         "q_tot_mean": q_tot_taken.mean(),
@@ -1229,12 +1254,13 @@ if __name__ == "__main__":
             q_tot_target = value_norm.denormalize(target_mixer(target_agent_qs, state))  # [T+1, E], reward units
             q_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, args.td_lambda)
 
-            # DIAGNOSTICS of the rollout: RVar (Figure 1), the mixer's slope, Q_tot's action gap
+            # DIAGNOSTICS of the rollout: RVar (Figure 1) and how much of it any Q could remove, Q's fit, the mixer
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
             probs = rollout_logits.softmax(-1)
+            mc_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, 1.0)  # lambda = 1: Monte Carlo
             diagnostics = rollout_diagnostics(
                 raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
-                generators["diagnostics"], None
+                generators["diagnostics"], None, (q_returns, mc_returns)
             )  # fmt: skip
 
         # CHUNKS (Algorithm 1, line 12): the rollout in chunks of --chunk-len steps of all agents of one env, which start

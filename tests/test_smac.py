@@ -158,6 +158,7 @@ def test_smax_smoke_2s3z_and_auto_says_smax(smax_dir):
     assert "update 2/2" in result.stdout and "env stepping took" in result.stdout
     events = scalars(smax_dir, "2s3z")
     new_diagnostics = {"charts/nu", "diagnostics/mixer_slope", "diagnostics/q_gap", "diagnostics/dpg_grad_ratio"}
+    new_diagnostics |= {"diagnostics/cv_corr", "diagnostics/rvar_own", "diagnostics/q_explained_variance"}
     assert {"eval/win_rate", "eval/episodic_return", "diagnostics/rvar", "diagnostics/grad_var", *new_diagnostics} <= set(
         events.Tags()["scalars"]
     )
