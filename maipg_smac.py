@@ -50,7 +50,7 @@ class Args:
     cuda: bool = False
     """if toggled, the networks run on the GPU when one is available (the envs always run on the CPU)"""
     torch_threads: int = 1
-    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits these small networks and several runs per machine"""
+    """CPU threads torch may use (MAPPO's n_training_threads): 1 suits small networks and several runs per machine"""
     track: bool = False
     """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "maipg"
@@ -62,12 +62,11 @@ class Args:
     eval_only: str | None = None
     """path of a model saved with --save-model: evaluate it (--eval-episodes greedy episodes) instead of training"""
     checkpoint_interval: int = 200
-    """write the training state to runs/{run_name}/checkpoint.pt every this many updates (0: never) and on SIGTERM/SIGINT"""
+    """save runs/{run_name}/checkpoint.pt every this many updates (0: never) and on SIGTERM/SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt, or its run folder: continue that run in its folder (bit for bit on SMAX; StarCraft II's episodes
-    start afresh) with the run's own flags; only --total-timesteps, --eval-interval, --checkpoint-interval, --track,
-    --cuda, --torch-threads and --save-model (an output: a run started without it can still save its model) may be
-    given to change them"""
+    """a checkpoint.pt or its run folder: continue that run in its folder (bit for bit on SMAX; StarCraft II's episodes
+    start afresh) with its own flags; only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda,
+    --torch-threads and --save-model (an output: a run started without it can save its model) may change"""
 
     # Environment
     map: str = "2s3z"
@@ -91,11 +90,10 @@ class Args:
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
     dpg_scale: str = "raw"
-    """raw: L_dpg in reward units against normalised advantages (App. D, which compensates with a small nu); advantage:
-    L_dpg divided by the rollout's raw-advantage std, the number that normalises A, which restores eq. (10)'s ratio"""
+    """raw: L_dpg in reward units (App. D, which compensates with a small nu); advantage: L_dpg divided by the raw
+    advantages' std, the number that normalises A, which restores eq. (10)'s ratio"""
     nu_warmup: DisallowNone[int | None] = None
-    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
+    """env steps over which nu rises from 0 to --nu, so that Q_hat fits first; unset: --total-timesteps / 5; 0: none"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -201,31 +199,26 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """V_phi on the agent-specific critic input, in ValueNorm's normalised units."""
+    """V_phi on the agent-specific critic input, in ValueNorm's normalised units -> values [L, *batch], hidden [*batch, H];
+    with n_actions, one output per action: q_values [L, *batch, n_actions] (AgentQ)."""
 
-    def __init__(self, input_dim, hidden_dim, recurrent):
+    def __init__(self, input_dim, hidden_dim, recurrent, n_actions=None):
         super().__init__()
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, 1), std=1.0)
+        self.head = layer_init(nn.Linear(hidden_dim, n_actions or 1), std=1.0)
+        self.squeeze = n_actions is None
 
     def forward(self, x, hidden, masks):
-        """-> values [L, *batch], hidden [*batch, H]"""
         features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features).squeeze(-1), hidden
+        out = self.head(features)
+        return (out.squeeze(-1) if self.squeeze else out), hidden
 
 
-class AgentQ(nn.Module):
+class AgentQ(Critic):
     """Q_psi_i(s, .): the critic's architecture with one output per action (App. D); Q_i(s, a_i) = <onehot(a_i), Q_i(s, .)>."""
 
     def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
-        super().__init__()
-        self.trunk = Trunk(input_dim, hidden_dim, recurrent)
-        self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=1.0)
-
-    def forward(self, x, hidden, masks):
-        """-> q_values [L, *batch, n_actions], hidden [*batch, H]"""
-        features, hidden = self.trunk(x, hidden, masks)
-        return self.head(features), hidden
+        super().__init__(input_dim, hidden_dim, recurrent, n_actions)
 
 
 class QMixer(nn.Module):
@@ -421,22 +414,17 @@ def to_chunks(x, chunk_len, pad_value=0.0):
     return padded.reshape(n_windows, chunk_len, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
 
 
-def one_hot_ids(num_agents, batch_shape, device):
-    """Agent-id one-hots [*batch_shape, N, N], appended to every actor and critic input."""
-    return torch.eye(num_agents, device=device).expand(*batch_shape, num_agents, num_agents)
-
-
 def actor_input(obs):
-    """obs [*batch, N, D] -> the agent's observation ++ its id [*batch, N, D + N]"""
-    return torch.cat([obs, one_hot_ids(obs.shape[-2], obs.shape[:-2], obs.device)], -1)
+    """obs [*batch, N, D] -> the agent's observation ++ its one-hot id [*batch, N, D + N]"""
+    num_agents = obs.shape[-2]
+    return torch.cat([obs, torch.eye(num_agents, device=obs.device).expand(*obs.shape[:-1], num_agents)], -1)
 
 
 def critic_input(obs, state, alive):
     """MAPPO's agent-specific critic input ("AS"): global state ++ own observation ++ id, and for a dead agent zeros ++
     its id (MAPPO's death masking). obs [*batch, N, D], state [*batch, S], alive [*batch, N] -> [*batch, N, S + D + N]"""
-    num_agents = obs.shape[-2]
-    features = torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), obs], -1) * alive.unsqueeze(-1)
-    return torch.cat([features, one_hot_ids(num_agents, obs.shape[:-2], obs.device)], -1)
+    features = torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], obs.shape[-2], -1), obs], -1) * alive.unsqueeze(-1)
+    return actor_input(features)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -470,10 +458,9 @@ class EnvStep(NamedTuple):
 
 @functools.cache
 def compile_smax(map_name: str, num_envs: int, compile_cache_dir: str):
-    """SMAX's batched reset and step for num_envs envs, compiled ahead of time once per process (train and eval envs of
-    one size share them), on the CPU: at a few envs one fused XLA call there beats a GPU launch, and JAX would otherwise
-    reserve the GPU memory torch needs. The episode limit is the SMAC map's (SMAX's is 100 everywhere). -> (env, reset,
-    step)"""
+    """SMAX's batched reset and step, compiled ahead of time once per process and size (train and eval envs share them)
+    on the CPU: at a few envs one fused XLA call beats a GPU launch, and JAX would otherwise reserve the GPU memory torch
+    needs. The episode limit is the SMAC map's (SMAX's is 100 everywhere). -> (env, reset, step)"""
     import jax
     import jax.numpy as jnp
     from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
@@ -574,9 +561,8 @@ def make_starcraft2_env(map_name: str, seed: int):
 
 def sc2_worker(remote, parent_remote, env_factory):
     """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
-    # Ctrl-C's SIGINT, and Slurm's SIGTERM, may reach the whole process group: the main process checkpoints, then
-    # closes the workers. Both are ignored here, and so in the game this worker starts (an ignored signal stays ignored
-    # across exec, unless the game handles it itself).
+    # Ctrl-C's SIGINT and Slurm's SIGTERM may reach the whole process group: the main process checkpoints, then closes
+    # the workers. Ignored here, they stay ignored in the game this worker starts (across exec, unless it handles them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent_remote.close()
@@ -708,19 +694,16 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device):
     E, N = envs.num_envs, envs.num_agents
     episodes_left = num_episodes // E + (np.arange(E) < num_episodes % E)  # [E]
     env_step = envs.reset()
-    hidden = torch.zeros(E, N, hidden_dim, device=device)
-    masks = torch.ones(1, E, N, device=device)
+    hidden, masks = torch.zeros(E, N, hidden_dim, device=device), torch.ones(1, E, N, device=device)
     running_returns, returns, wins = np.zeros(E), [], []
     while episodes_left.any():
-        obs = torch.as_tensor(env_step.obs, device=device)[None]
-        avail_actions = torch.as_tensor(env_step.avail_actions, device=device)[None]
+        obs, avail_actions = (torch.as_tensor(x, device=device)[None] for x in (env_step.obs, env_step.avail_actions))
         logits, hidden = actor(actor_input(obs), hidden, masks, avail_actions)
         env_step = envs.step(logits[0].argmax(-1).cpu().numpy())
         running_returns += env_step.rewards
-        for i in np.flatnonzero(env_step.dones & (episodes_left > 0)):
-            returns.append(running_returns[i])
-            wins.append(env_step.won[i])
-            episodes_left[i] -= 1
+        finished = np.flatnonzero(env_step.dones & (episodes_left > 0))
+        returns, wins = returns + running_returns[finished].tolist(), wins + env_step.won[finished].tolist()
+        episodes_left[finished] -= 1
         running_returns[env_step.dones] = 0.0
         masks = torch.as_tensor(1.0 - env_step.dones, dtype=torch.float32, device=device).expand(N, E).T[None]
     return np.array(returns), np.array(wins)
@@ -842,28 +825,24 @@ def require(module: str, install: str, flag: str):
 
 
 def check_args(args: Args) -> None:
-    """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
+    """Bad input stops the run before anything is written, with one line naming the flag (fail)."""
     if args.map not in SMAC_EPISODE_LIMITS:
         fail(f"--map must be a SMAC map ({', '.join(SMAC_EPISODE_LIMITS)}), got {args.map!r}")
-    if args.env_backend not in ("auto", "sc2", "smax"):
-        fail(f"--env-backend must be auto, sc2 or smax, got {args.env_backend!r}")
-    if args.mixer not in ("qmix", "vdn"):
-        fail(f"--mixer must be qmix or vdn, got {args.mixer!r}")
-    if args.dpg_scale not in ("raw", "advantage"):
-        fail(f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}")
+    choices = {"env_backend": ("auto", "sc2", "smax"), "mixer": ("qmix", "vdn"), "dpg_scale": ("raw", "advantage")}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            one_of = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+            fail(f"--{name.replace('_', '-')} must be {one_of}, got {getattr(args, name)!r}")
     if args.nu_warmup is not None and args.nu_warmup < 0:
         fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
     if args.nu is not None and not 0.0 <= args.nu <= 1.0:
         fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag in ("num_envs", "num_steps", "chunk_len", "torch_threads", "eval_episodes", "update_epochs"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:  # --update-epochs unset takes the preset
-            fail(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("num_envs", "num_steps", "chunk_len", "torch_threads", "eval_episodes", "update_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # --update-epochs unset takes the preset
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        fail(
-            f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout "
-            f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        )
+        rollout = f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
+        fail(f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout {rollout}")
     n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
     if args.num_minibatches is not None and not 1 <= args.num_minibatches <= n_chunks:
         fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
@@ -900,14 +879,10 @@ def apply_presets(args: Args) -> dict:
     presets = {name: (value, "MAPPO default") for name, value in PRESET_DEFAULTS.items()}
     presets |= {name: (value, f"Table 3, {difficulty} map") for name, value in TABLE3[difficulty].items()}
     presets |= {name: (value, f"MAPPO's {args.map} script") for name, value in MAPPO_MAP_SCRIPTS.get(args.map, {}).items()}
-    final = {}
-    for name, (value, source) in presets.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-        else:
-            source = "command line"
-        final[name] = (getattr(args, name), source)
-    return final
+    given = {name for name in presets if getattr(args, name) is not None}
+    for name in presets.keys() - given:
+        setattr(args, name, presets[name][0])
+    return {name: (getattr(args, name), "command line" if name in given else source) for name, (_, source) in presets.items()}
 
 
 def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
@@ -1019,10 +994,8 @@ def evaluate_saved_model(args: Args, device: torch.device) -> None:
     actor.load_state_dict(model["actor"])
     returns, wins = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
     envs.close()
-    print(
-        f"{args.eval_only}: {saved.map}, {len(returns)} greedy episodes, win rate {wins.mean():.3f}, "
-        f"return {returns.mean():.2f} +- {returns.std():.2f}"
-    )
+    mean_std = f"{returns.mean():.2f} +- {returns.std():.2f}"
+    print(f"{args.eval_only}: {saved.map}, {len(returns)} greedy episodes, win rate {wins.mean():.3f}, return {mean_std}")
     sys.exit(0)
 
 
@@ -1049,9 +1022,8 @@ def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> S
 
 
 def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict, episodes):
-    """--resume: networks, optimisers and generators as they were at the end of the checkpoint's update, and on SMAX
-    the envs, the carried-over rollout slot and the running episodes too (StarCraft II cannot be saved: its episodes
-    start afresh). episodes: (returns, lengths) of the running episodes -> (the progress line's values, episodes)"""
+    """--resume: networks, optimisers, generators and (SMAX) envs, carried rollout slot and running episodes as at the
+    end of the checkpoint's update. episodes: (returns, lengths) -> (the progress line's values, episodes)"""
     for name, module in stateful.items():
         module.load_state_dict(checkpoint[name])
     set_rng_states(checkpoint["rng"], generators)
@@ -1067,23 +1039,14 @@ def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs,
 
 
 def save_checkpoint(path: str, args: Args, run: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict):
-    """The whole training state, written atomically: what restore_checkpoint reads back. run: the backend, presets,
-    run_name, update, global_step, progress (the progress line's latest values) and the running episodes' returns and
-    lengths."""
-    save_atomically(
-        {
-            "script": os.path.basename(__file__),
-            "args": asdict(args),
-            **run,
-            **{name: module.state_dict() for name, module in stateful.items()},
-            "rng": rng_states(generators),
-            # StarCraft II cannot be saved: None, and a resumed run starts its episodes afresh
-            "envs": envs.state_dict() if isinstance(envs, SmaxEnvs) else None,
-            "eval_envs": eval_envs.state_dict() if isinstance(eval_envs, SmaxEnvs) else None,
-            "carried": {name: buffer[0].clone().cpu() for name, buffer in carried.items()},  # a view would save it all
-        },
-        path,
-    )
+    """The whole training state, written atomically, for restore_checkpoint; run: the loop's counters and episodes."""
+    state = {"script": os.path.basename(__file__), "args": asdict(args), **run, "rng": rng_states(generators)}
+    state |= {name: module.state_dict() for name, module in stateful.items()}
+    # StarCraft II cannot be saved: None, and a resumed run starts its episodes afresh
+    state["envs"] = envs.state_dict() if isinstance(envs, SmaxEnvs) else None
+    state["eval_envs"] = eval_envs.state_dict() if isinstance(eval_envs, SmaxEnvs) else None
+    state["carried"] = {name: buffer[0].clone().cpu() for name, buffer in carried.items()}  # a view would save it all
+    save_atomically(state, path)
 
 
 def stop_if_not_finite(losses: dict, update: int) -> None:
@@ -1174,11 +1137,9 @@ if __name__ == "__main__":
     carried |= {"actor_hidden": actor_hidden, "critic_hidden": critic_hidden, "q_hidden": q_hidden}
 
     def store(t, env_step):
-        """Writes what the envs returned into slot t of the buffers."""
-        obs[t] = torch.as_tensor(env_step.obs, device=device)
-        state[t] = torch.as_tensor(env_step.state, device=device)
-        avail_actions[t] = torch.as_tensor(env_step.avail_actions, device=device)
-        active_masks[t] = torch.as_tensor(env_step.alive, dtype=torch.float32, device=device)
+        """Writes what the envs returned (obs, state, avail_actions, alive) into slot t of the buffers."""
+        for buffer, x in zip((obs, state, avail_actions, active_masks), env_step[:4], strict=True):
+            buffer[t] = torch.as_tensor(x, dtype=torch.float32, device=device)
 
     # TRY NOT TO MODIFY: start the game
     global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
@@ -1212,8 +1173,7 @@ if __name__ == "__main__":
                 actions[step] = dist.sample()
                 logprobs[step], rollout_logits[step] = dist.log_prob(actions[step]), logits[0]
                 critic_in = critic_input(obs[step : step + 1], state[step : step + 1], active_masks[step : step + 1])
-                values_step, critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
-                values[step] = values_step[0]
+                values[step : step + 1], critic_hidden[step + 1] = critic(critic_in, critic_hidden[step], agent_masks)
                 _, q_hidden[step + 1] = agent_q(critic_in, q_hidden[step], agent_masks)
 
             # TRY NOT TO MODIFY: execute the game and log data.
@@ -1269,10 +1229,8 @@ if __name__ == "__main__":
         rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
         rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
-        batch = {
-            name: to_chunks(x, args.chunk_len, pad_value=1.0 if name in ("masks", "avail_actions") else 0.0)
-            for name, x in rollout.items()
-        }
+        pad_values = {"masks": 1.0, "avail_actions": 1.0}
+        batch = {name: to_chunks(x, args.chunk_len, pad_values.get(name, 0.0)) for name, x in rollout.items()}
         hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
         start_hidden = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk
 
@@ -1329,23 +1287,21 @@ if __name__ == "__main__":
         # LOGGING. TRY NOT TO MODIFY: record rewards for plotting purposes
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/nu", nu, global_step)
-        for name, value in stats.items():
-            writer.add_scalar(f"losses/{name}", value.item(), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var.item(), global_step)
-        writer.add_scalar("charts/q_tot_mean", diagnostics.pop("q_tot_mean").item(), global_step)
-        for name, value in {**diagnostics, "dpg_grad_ratio": dpg_grad_ratio}.items():
-            writer.add_scalar(f"diagnostics/{name}", value.item(), global_step)
+        scalars = {"charts/SPS": sps, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"], "charts/nu": nu}
+        scalars |= {f"losses/{name}": value.item() for name, value in stats.items()}
+        scalars["losses/explained_variance"] = explained_var.item()
+        scalars["charts/q_tot_mean"] = diagnostics.pop("q_tot_mean").item()
+        diagnostics["dpg_grad_ratio"] = dpg_grad_ratio
         if grad_var is not None:
-            writer.add_scalar("diagnostics/grad_var", grad_var.item(), global_step)
+            diagnostics["grad_var"] = grad_var
+        scalars |= {f"diagnostics/{name}": value.item() for name, value in diagnostics.items()}
         if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-            writer.add_scalar("charts/win_rate", np.mean(finished_wins), global_step)  # training episodes finished
-            last_return, last_win_rate = np.mean(finished_returns), np.mean(finished_wins)
+            last_return, last_win_rate = np.mean(finished_returns), np.mean(finished_wins)  # training episodes finished
+            scalars |= {"charts/episodic_return": last_return, "charts/episodic_length": np.mean(finished_lengths)}
+            scalars["charts/win_rate"] = last_win_rate
             finished_returns, finished_lengths, finished_wins = [], [], []
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step)
 
         # EVALUATE: greedy episodes with fresh hidden states on separate envs
         if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
@@ -1356,11 +1312,9 @@ if __name__ == "__main__":
 
         if time.time() - last_print > 10 or update == args.num_updates:
             last_print = time.time()
-            print(
-                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f} | "
-                f"win rate {last_win_rate:.2f} | eval win rate {eval_win_rate:.2f} | rvar {diagnostics['rvar'].item():.3f}",
-                flush=True,
-            )
+            progress = f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f}"
+            rates = f"win rate {last_win_rate:.2f} | eval win rate {eval_win_rate:.2f}"
+            print(f"{progress} | {rates} | rvar {diagnostics['rvar'].item():.3f}", flush=True)
 
         # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
@@ -1374,10 +1328,8 @@ if __name__ == "__main__":
 
     if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
         wall = time.time() - start_time
-        print(
-            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
-            f"env stepping took {env_time / wall:.0%} of the time"
-        )
+        sps = int((global_step - start_step) / wall)
+        print(f"done: {global_step} env steps in {wall:.0f} s, {sps} SPS; env stepping took {env_time / wall:.0%} of the time")
         if args.save_model:  # the backend it ran on, for --eval-only
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
             model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
