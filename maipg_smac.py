@@ -1261,14 +1261,14 @@ if __name__ == "__main__":
                 normalized_returns = value_norm.normalize(mb["returns"])
                 v_loss = value_loss(new_values, mb["values"], normalized_returns, weights, args.clip_coef, args.huber_delta)
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
-                tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
+                q_tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
                 losses = {"policy_loss": parts["policy_loss"], "dpg_loss": parts["dpg_loss"]}
-                stop_if_not_finite({**losses, "value_loss": v_loss, "q_loss": tot_loss}, update)
+                stop_if_not_finite({**losses, "value_loss": v_loss, "q_loss": q_tot_loss}, update)
 
                 for optimizer, module_loss, params in [
                     (actor_optimizer, loss, actor.parameters()),
                     (critic_optimizer, v_loss, critic.parameters()),
-                    (q_optimizer, tot_loss, q_params),
+                    (q_optimizer, q_tot_loss, q_params),
                 ]:
                     optimizer.zero_grad()
                     module_loss.backward()
@@ -1277,7 +1277,7 @@ if __name__ == "__main__":
                 soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (Algorithm 1, line 25)
                 soft_update(target_mixer, mixer, args.target_tau)
 
-                for name, value in {**parts, "value_loss": v_loss, "q_loss": tot_loss}.items():
+                for name, value in {**parts, "value_loss": v_loss, "q_loss": q_tot_loss}.items():
                     stats[name] = stats.get(name, 0.0) + value.detach() / (args.update_epochs * args.num_minibatches)
 
         # carry the last slot over: episodes continue across updates
