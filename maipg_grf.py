@@ -483,14 +483,18 @@ def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
     try:
         while True:
             command, data = pipe.recv()
-            if command == "reset":
+            if command == "reset":  # data: None, or new seeds for the envs' streams of engine seeds
+                rngs = rngs if data is None else [np.random.default_rng(seed) for seed in data]
                 scores[:] = 0.0
                 pipe.send(np.stack([reset_football_env(env, rng, num_agents) for env, rng in zip(envs, rngs, strict=True)]))
-            elif command == "step":
+            elif command == "step":  # data: actions [n, N], and which envs step (None: all; the others return zeros)
+                actions, stepping = data
                 obs, rewards = np.zeros((n, num_agents, GRF_OBS_DIM), np.float32), np.zeros((n, num_agents), np.float32)
                 dones, ended_scores = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float32)
                 for i, env in enumerate(envs):
-                    env_obs, rewards[i], dones[i], info = env.step(data[i])
+                    if stepping is not None and not stepping[i]:
+                        continue
+                    env_obs, rewards[i], dones[i], info = env.step(actions[i])
                     scores[i] += info["score_reward"]
                     if dones[i]:  # the scenario ended it: report its score and start the next episode at once
                         ended_scores[i], scores[i] = scores[i], 0.0
@@ -566,16 +570,17 @@ class FootballEnvs:
         ids = self.env_ids[worker]
         raise EnvProcessError(f"{self.scenario}: env process {worker} (envs {ids[0]}-{ids[-1]}) {problem}")
 
-    def reset(self) -> np.ndarray:  # -> obs [E, N, 115]
-        for worker in range(len(self.pipes)):
-            self.send(worker, "reset")
+    def reset(self, seeds: list[int] | None = None) -> np.ndarray:  # -> obs [E, N, 115]; seeds: env i's stream anew
+        for worker, ids in enumerate(self.env_ids):
+            self.send(worker, "reset", None if seeds is None else [seeds[i] for i in ids])
         return np.concatenate([self.receive(worker) for worker in range(len(self.pipes))])
 
-    def step(self, actions: np.ndarray) -> tuple:
+    def step(self, actions: np.ndarray, stepping: np.ndarray | None = None) -> tuple:
         """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of an episode
-        that ended: +1 the left team scored, -1 it conceded; 0 where none ended)"""
+        that ended: +1 the left team scored, -1 it conceded; 0 where none ended). With stepping [E] (bool), only those
+        envs step; the others wait, returning zeros."""
         for worker, ids in enumerate(self.env_ids):
-            self.send(worker, "step", actions[ids])
+            self.send(worker, "step", (actions[ids], None if stepping is None else stepping[ids]))
         results = [self.receive(worker) for worker in range(len(self.pipes))]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
@@ -611,20 +616,22 @@ def make_envs(args, resumed_after: int | None):
 
 
 @torch.no_grad()
-def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None):
+def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None, seeds=None):
     """num_episodes greedy episodes (argmax, fresh hidden states), each env its share, to their end -> team returns,
-    scores [num_episodes] (+1: the left team scored). With a list as frames, appends env 0's frames until its share ends."""
+    scores [num_episodes] (+1: the left team scored). An env whose share is done waits for the others (the engine is
+    the cost). seeds: the envs' streams of engine seeds start anew from them. With a list as frames, appends env 0's
+    frames until its share ends."""
     E, N = envs.num_envs, envs.num_agents
     # a fixed share per env, not the first episodes to finish: those would over-count the short ones
     left = np.array([len(share) for share in np.array_split(np.arange(num_episodes), E)])
-    obs, hidden = torch.as_tensor(envs.reset(), device=device), torch.zeros(E, N, hidden_dim, device=device)
+    obs, hidden = torch.as_tensor(envs.reset(seeds), device=device), torch.zeros(E, N, hidden_dim, device=device)
     masks, avail_actions = torch.ones(1, E, N, device=device), torch.ones(1, E, N, envs.n_actions, device=device)
     running_returns, returns, scores = np.zeros(E), [], []
     if frames is not None:
         frames.append(envs.render())
     while left.any():
         logits, hidden = actor(actor_input(obs)[None], hidden, masks, avail_actions)
-        next_obs, rewards, dones, ended_scores = envs.step(logits[0].argmax(-1).cpu().numpy())
+        next_obs, rewards, dones, ended_scores = envs.step(logits[0].argmax(-1).cpu().numpy(), stepping=left > 0)
         running_returns += rewards.sum(-1)
         counted = dones & (left > 0)
         returns += running_returns[counted].tolist()
@@ -1190,7 +1197,10 @@ if __name__ == "__main__":
 
         # EVALUATE: greedy episodes with fresh hidden states on separate envs
         if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
-            eval_returns, eval_scores = evaluate(actor, eval_envs, args.eval_episodes, H, device)
+            # child `update` of each eval env's seed: an evaluation's episodes depend on the run's seed and the update only,
+            # not on the evaluations before it, nor on a resume
+            eval_seeds = resumed_seeds(env_seeds(args.seed, "eval", eval_envs.num_envs), update)
+            eval_returns, eval_scores = evaluate(actor, eval_envs, args.eval_episodes, H, device, seeds=eval_seeds)
             eval_success = np.mean(eval_scores > 0)
             writer.add_scalar("eval/episodic_return", eval_returns.mean(), global_step)
             writer.add_scalar("eval/success_rate", eval_success, global_step)

@@ -284,6 +284,59 @@ def test_each_episode_gets_its_own_engine_seed(gfootball):
     assert episodes[0].shape != episodes[1].shape or not np.array_equal(episodes[0], episodes[1])
 
 
+def test_an_evaluation_depends_only_on_its_seeds(gfootball):
+    """An evaluation whose envs start their streams of engine seeds anew plays the same episodes whatever the
+    evaluations before it (so a resumed run evaluates as the run it continues would have); other seeds, others."""
+    envs = maipg_grf.FootballEnvs("academy_3_vs_1_with_keeper", [7, 8], 2, 60)
+    torch.manual_seed(0)  # an actor that moves: one that stands still may leave the engine's randomness unseen
+    actor, step = maipg_grf.Actor(115 + 3, 19, 8, True), envs.step
+
+    def evaluate(seeds):  # -> every observation the evaluation saw
+        seen = []
+        envs.step = lambda *args, **kwargs: seen.append(step(*args, **kwargs)) or seen[-1]
+        maipg_grf.evaluate(actor, envs, 2, 8, torch.device("cpu"), seeds=seeds)
+        return np.concatenate([out[0] for out in seen])
+
+    try:
+        first = evaluate([1, 2])
+        evaluate(None)  # an evaluation in between draws further engine seeds from the streams
+        again, other = evaluate([1, 2]), evaluate([3, 4])
+    finally:
+        envs.close()
+    np.testing.assert_array_equal(first, again)
+    assert first.shape != other.shape or not np.array_equal(first, other)
+
+
+class RecordingEnvs:
+    """Envs of 1 agent whose episodes end after env i's lengths[i] steps; records which envs each step stepped."""
+
+    num_agents, n_actions = 1, 19
+
+    def __init__(self, lengths):
+        self.lengths, self.num_envs, self.stepped = np.array(lengths), len(lengths), []
+
+    def reset(self, seeds=None):
+        self.steps = np.zeros(self.num_envs, dtype=int)
+        return np.zeros((self.num_envs, 1, 115), dtype=np.float32)
+
+    def step(self, actions, stepping=None):
+        stepping = np.ones(self.num_envs, dtype=bool) if stepping is None else stepping
+        self.stepped.append(stepping.copy())
+        self.steps += stepping
+        dones = stepping & (self.steps % self.lengths == 0)
+        zeros = np.zeros(self.num_envs, dtype=np.float32)
+        return np.zeros((self.num_envs, 1, 115), np.float32), zeros[:, None] + stepping[:, None], dones, zeros
+
+
+def test_an_env_whose_evaluation_share_is_done_does_not_step():
+    """Env 0 plays 2 episodes of 3 steps, env 1 two of 10: env 0 steps 6 times, not 20 (each step costs the engine)."""
+    envs = RecordingEnvs([3, 10])
+    returns, _ = maipg_grf.evaluate(maipg_grf.Actor(116, 19, 8, True), envs, 4, 8, torch.device("cpu"))
+    stepped = np.array(envs.stepped)
+    assert stepped.sum(0).tolist() == [6, 20]
+    assert sorted(returns.tolist()) == [3.0, 3.0, 10.0, 10.0]
+
+
 def test_env_processes_end_when_the_main_process_dies(tmp_path, gfootball):
     """A main process that dies without closing its envs (os._exit skips every clean-up) leaves no env process behind."""
     code = (
