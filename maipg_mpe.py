@@ -63,9 +63,8 @@ class Args:
     checkpoint_interval: int = 150
     """save runs/{run_name}/checkpoint.pt every this many updates (~10 min on one thread; 0: never) and on SIGTERM/SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt or its run folder: continue that run in its folder (bit for bit on the NumPy port) with its own
-    flags; only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads and
-    --save-model (an output: a run started without it can save its model) may change"""
+    """a checkpoint.pt or its run folder: continue that run there (bit for bit on the NumPy port) with its own flags; only
+    --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads, --save-model may change"""
 
     # Environment
     task: str = "spread"
@@ -123,8 +122,7 @@ class Args:
     recurrent: bool = True
     """if toggled off (--no-recurrent), the trunks have no GRU (MAPPO's MLP variant)"""
     joint_q_diagnostic: bool = False
-    """if toggled, also train an unfactorized joint Q(s, a_1..a_n) (no effect on the policy) and log
-    diagnostics/rvar_joint, to redo the paper's Figure 1 comparison"""
+    """if toggled, also train an unfactorized Q(s, a_1..a_n) (the policy never sees it): diagnostics/rvar_joint, Figure 1"""
     log_grad_var: bool = False
     """if toggled, log diagnostics/grad_var: the spread of the actor gradient over 8 sub-batches (about +10% update time)"""
 
@@ -188,8 +186,7 @@ class Trunk(nn.Module):
 
 
 class Actor(nn.Module):
-    """pi_theta(a_i | o_i, i), shared by all agents -> logits [L, *batch, n_actions] (unavailable actions at -1e10),
-    hidden [*batch, H]."""
+    """pi_theta(a_i | o_i, i), shared by all agents -> logits [L, *batch, n_actions] (unavailable at -1e10), hidden"""
 
     def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
         super().__init__()
@@ -430,9 +427,8 @@ def critic_input(obs, state):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Environment: MPE spread / line / formation.
-# `NumpyMPE` is a batched NumPy port of exactly these three mpe2 tasks: all envs are stepped together as arrays and it
-# matches mpe2 step for step from the same seed (tests/test_mpe_port.py). `MPE2Envs` runs the real mpe2 package.
+# Environment: MPE spread / line / formation. `NumpyMPE`, a batched NumPy port of exactly these three mpe2 tasks, matches
+# mpe2 step for step from the same seed (tests/test_mpe_port.py); `MPE2Envs` runs the mpe2 package itself.
 # ---------------------------------------------------------------------------------------------------------------------
 # task -> (mpe2 module, agent radius, local_ratio), the constants mpe2's raw_env / Scenario.make_world set
 MPE_TASKS = {
@@ -465,8 +461,8 @@ def optimal_matching_distances(dists: np.ndarray, perms: np.ndarray | None) -> n
 
 
 class NumpyMPE:
-    """All envs of one MPE task stepped together as arrays (a batched port of mpe2). Env i draws its initial states from
-    np.random.default_rng(seeds[i]), as mpe2's `env.reset(seed=seeds[i])` does, in mpe2's order: both give the same
+    """All envs of one MPE task stepped together as arrays. Env i draws its initial states from its own generator,
+    np.random.default_rng(seeds[i]), in mpe2's order, as mpe2's `env.reset(seed=seeds[i])` does: both give the same
     episodes. An env whose episode ends (after 25 steps) is reset in `step`, which returns its next episode's first obs."""
 
     WORLD = ("pos", "vel", "landmarks", "targets", "steps")  # the arrays that, with the generators, make the state
@@ -476,16 +472,15 @@ class NumpyMPE:
         self.task, self.num_envs, self.num_agents, self.continuous_actions = task, E, N, continuous_actions
         _, self.agent_size, self.local_ratio = MPE_TASKS[task]
         self.n_actions = self.action_dim = 5  # Discrete(5) / Box(0, 1, (5,)): no-op, left, right, down, up
-        self.max_cycles = MPE_MAX_CYCLES
-        self.num_landmarks = {"spread": N, "line": 2, "formation": 1}[task]
+        self.max_cycles, self.num_landmarks = MPE_MAX_CYCLES, {"spread": N, "line": 2, "formation": 1}[task]
         # obs = [own vel, own pos, landmark positions, (spread:) other agents' positions and their (silent, zero) comms]
         self.obs_dim = 4 + 2 * self.num_landmarks + (4 * (N - 1) if task == "spread" else 0)
         self.rngs = [np.random.default_rng(seed) for seed in seeds]
         self.others = np.array([[j for j in range(N) if j != i] for i in range(N)])  # [N, N-1]: the agents other than i
         # line / formation: all N! matchings, scored at once where that beats scipy's per-env loop (N <= 5)
         self.perms = np.array(list(itertools.permutations(range(N)))) if N <= 5 else None
-        # the world: agents' positions and velocities, landmarks, and the points agents are matched to (line: evenly
-        # spaced between its landmarks, set at reset; formation: a circle), and each env's step in its episode
+        # the world: agents' positions and velocities, the points agents are matched to (line: evenly spaced between its
+        # landmarks, set at reset; formation: a circle), landmarks, and each env's step in its episode
         self.pos, self.vel, self.targets = np.zeros((E, N, 2)), np.zeros((E, N, 2)), np.zeros((E, N, 2))
         self.landmarks, self.steps = np.zeros((E, self.num_landmarks, 2)), np.zeros(E, dtype=np.int64)
 
@@ -598,12 +593,11 @@ class MPE2Envs:
         kwargs = {"local_ratio": MPE_TASKS[task][2]} if task == "spread" else {}  # line / formation fix theirs to 0
         kwargs |= {"N": num_agents, "max_cycles": MPE_MAX_CYCLES, "continuous_actions": continuous_actions}
         self.envs = [module.parallel_env(render_mode=render_mode, **kwargs) for _ in seeds]
-        self.agents, self.seeds, self.seeded = self.envs[0].possible_agents, seeds, False
+        self.agents, self.seeds, self.seeded, self.max_cycles = self.envs[0].possible_agents, seeds, False, MPE_MAX_CYCLES
         self.num_envs, self.num_agents, self.continuous_actions = len(seeds), num_agents, continuous_actions
         self.obs_dim = self.envs[0].observation_space(self.agents[0]).shape[0]
         action_space = self.envs[0].action_space(self.agents[0])
         self.n_actions = self.action_dim = action_space.shape[0] if continuous_actions else action_space.n
-        self.max_cycles = MPE_MAX_CYCLES
 
     def _stack(self, obs: dict) -> np.ndarray:
         return np.stack([obs[agent] for agent in self.agents])  # [N, obs_dim]
@@ -615,13 +609,11 @@ class MPE2Envs:
         return np.stack([self._stack(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
 
     def step(self, actions) -> tuple:
-        # float32 actions: the Box space rejects (warns and clips) float64 ones
-        actions = np.asarray(actions, dtype=np.float32 if self.continuous_actions else np.int64)
+        actions = np.asarray(actions, dtype=np.float32 if self.continuous_actions else np.int64)  # Box warns on float64
         obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
-        rewards = np.zeros((self.num_envs, self.num_agents), dtype=np.float32)
-        dones = np.zeros(self.num_envs, dtype=bool)
+        rewards, dones = np.zeros((self.num_envs, self.num_agents), dtype=np.float32), np.zeros(self.num_envs, dtype=bool)
         for i, env in enumerate(self.envs):
-            act = [actions[i, k] if self.continuous_actions else int(actions[i, k]) for k in range(self.num_agents)]
+            act = actions[i] if self.continuous_actions else actions[i].tolist()  # [N, 5] or N Python ints
             env_obs, env_rewards, terminations, truncations, _ = env.step(dict(zip(self.agents, act, strict=True)))
             rewards[i] = [env_rewards[agent] for agent in self.agents]
             dones[i] = all(terminations.values()) or all(truncations.values())
@@ -647,21 +639,18 @@ def make_envs(args, seeds, render_mode=None):
 @torch.no_grad()
 def evaluate(actor, envs, hidden_dim, device, frames=None):
     """One greedy episode (fresh hidden states) in each env of envs -> team returns [num_envs]; frames: gets the renders."""
-    obs = torch.as_tensor(envs.reset(), device=device)
-    hidden = torch.zeros(envs.num_envs, envs.num_agents, hidden_dim, device=device)
-    masks = torch.ones(1, envs.num_envs, envs.num_agents, device=device)
-    avail_actions = torch.ones(1, envs.num_envs, envs.num_agents, envs.n_actions, device=device)
-    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
-    if frames is not None:
-        frames.append(envs.render())
+    E, N = envs.num_envs, envs.num_agents
+    obs, hidden = torch.as_tensor(envs.reset(), device=device), torch.zeros(E, N, hidden_dim, device=device)
+    masks, avail_actions = torch.ones(1, E, N, device=device), torch.ones(1, E, N, envs.n_actions, device=device)
+    returns, running = np.zeros(E), np.ones(E, dtype=bool)
     while running.any():
+        if frames is not None:  # the first frame, then one per step of the episode
+            frames.append(envs.render())
         logits, hidden = actor(actor_input(obs)[None], hidden, masks, avail_actions)
         next_obs, rewards, dones = envs.step(logits[0].argmax(-1).cpu().numpy())
         returns += running * rewards.sum(-1)
         running &= ~dones
         obs = torch.as_tensor(next_obs, device=device)
-        if frames is not None and running.any():
-            frames.append(envs.render())
     return returns
 
 
@@ -793,8 +782,8 @@ class JointQ(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Plumbing: argument checks, seeds, checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT from Ctrl-C), and
-# the blocks of __main__ that are not the algorithm
+# Plumbing: argument checks, seeds, checkpoints, --resume, preemption (SIGTERM from Slurm, SIGINT from Ctrl-C), and the
+# blocks of __main__ that are not the algorithm
 # ---------------------------------------------------------------------------------------------------------------------
 def fail(message: str) -> None:
     """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
@@ -855,8 +844,7 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
     return [int(np.random.SeedSequence(seed, spawn_key=(update,)).generate_state(1)[0]) for seed in seeds]
 
 
-# what --save-model writes, with the args
-MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")
+MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
 # the flags a resumed run may change: where and how often it reports and saves, how long it runs, where it computes
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 
@@ -973,21 +961,25 @@ def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> S
     return writer
 
 
-def restore_checkpoint(checkpoint: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict, episodes):
-    """--resume: networks, optimisers, generators and (NumPy port) envs, carried rollout slot and running episodes as at
-    the end of the checkpoint's update. episodes: (returns, lengths) -> ((last_return, eval_return), episodes)"""
+def restore_checkpoint(checkpoint: dict | None, stateful: dict, generators: dict, envs, eval_envs, carried: dict) -> tuple:
+    """The loop's start -> (global_step, first update, last_return, eval_return, running episodes' returns, lengths): a
+    new run's, or on --resume the end of the checkpoint's update, with its networks, optimisers, generators and (NumPy
+    port) envs and carried rollout slot restored."""
+    episodes = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
+    if checkpoint is None:
+        return 0, 1, float("nan"), float("nan"), *episodes
     for name, module in stateful.items():
         module.load_state_dict(checkpoint[name])
     set_rng_states(checkpoint["rng"], generators)
-    progress = checkpoint["last_return"], checkpoint["eval_return"]
+    progress = checkpoint["global_step"], checkpoint["update"] + 1, checkpoint["last_return"], checkpoint["eval_return"]
     if checkpoint["envs"] is None:
         print("--resume: mpe2's envs cannot be saved, so their episodes start afresh (the NumPy port's continue)")
-        return progress, episodes
+        return *progress, *episodes
     envs.load_state_dict(checkpoint["envs"])
     eval_envs.load_state_dict(checkpoint["eval_envs"])
     for name, buffer in carried.items():
         buffer[0] = checkpoint["carried"][name]
-    return progress, (checkpoint["episode_returns"], checkpoint["episode_lengths"])
+    return *progress, checkpoint["episode_returns"], checkpoint["episode_lengths"]
 
 
 def save_checkpoint(path: str, args: Args, run: dict, stateful: dict, generators: dict, envs, eval_envs, carried: dict):
@@ -1053,29 +1045,26 @@ if __name__ == "__main__":
         joint_q = JointQ(state_dim, N, A, H).to(device) if args.joint_q_diagnostic else None
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)  # of V's targets; Q_tot learns in its units too (q_loss)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    adam = lambda params: torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
-    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    actor_optimizer, critic_optimizer, q_optimizer = adam(actor.parameters()), adam(critic.parameters()), adam(q_params)
     generators = {"diagnostics": torch.Generator(device=device).manual_seed(args.seed + 2)}  # keeps MAPPO's stream as is
     # what a checkpoint saves and --resume restores, besides generators, envs and the carried-over rollout slot
     stateful = {"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer, "target_agent_q": target_agent_q}
     stateful |= {"target_mixer": target_mixer, "value_norm": value_norm, "actor_optimizer": actor_optimizer}
     stateful |= {"critic_optimizer": critic_optimizer, "q_optimizer": q_optimizer}
     if joint_q is not None:
-        joint_q_optimizer = torch.optim.Adam(joint_q.parameters(), lr=args.learning_rate, eps=1e-5)
+        joint_q_optimizer = adam(joint_q.parameters())
         stateful |= {"joint_q": joint_q, "joint_q_optimizer": joint_q_optimizer}
 
     # ALGO Logic: storage setup. Time-major; slot t+1 holds what follows step t, slot T carries over to the next rollout.
-    obs = torch.zeros(T + 1, E, N, obs_dim, device=device)
-    state = torch.zeros(T + 1, E, state_dim, device=device)
+    obs, state = torch.zeros(T + 1, E, N, obs_dim, device=device), torch.zeros(T + 1, E, state_dim, device=device)
     avail_actions = torch.ones(T + 1, E, N, A, device=device)  # MPE: every action is always available
     masks = torch.ones(T + 1, E, device=device)  # 0 where obs[t] starts a new episode
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for dead agents (none in MPE)
-    actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
-    actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
-    logprobs = torch.zeros(T, E, N, device=device)
-    rollout_logits = torch.zeros(T, E, N, A, device=device)
+    actor_hidden, critic_hidden, q_hidden = torch.zeros(3, T + 1, E, N, H, device=device)  # hidden states entering step t
+    actions, logprobs = torch.zeros(T, E, N, dtype=torch.long, device=device), torch.zeros(T, E, N, device=device)
+    rollout_logits = torch.zeros(T, E, N, A, device=device)  # pi's logits, for the diagnostics
     rewards = torch.zeros(T, E, device=device)  # team reward: the sum of the agents' rewards
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
     # slot T of these becomes slot 0 of the next rollout: episodes continue across updates
@@ -1083,18 +1072,14 @@ if __name__ == "__main__":
     carried |= {"actor_hidden": actor_hidden, "critic_hidden": critic_hidden, "q_hidden": q_hidden}
 
     # TRY NOT TO MODIFY: start the game
-    global_step, start_update, env_time, start_time, last_print = 0, 1, 0.0, time.time(), 0.0
     next_obs = torch.as_tensor(envs.reset(), device=device)
     obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
-    episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
-    finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
-    if checkpoint:  # --resume: everything as it was at the end of the checkpoint's update
-        global_step, start_update = checkpoint["global_step"], checkpoint["update"] + 1
-        (last_return, eval_return), (episode_returns, episode_lengths) = restore_checkpoint(
-            checkpoint, stateful, generators, envs, eval_envs, carried, (episode_returns, episode_lengths)
-        )
-    start_step, preemption = global_step, Preemption()
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    # --resume: everything as it was at the end of the checkpoint's update
+    global_step, start_update, last_return, eval_return, episode_returns, episode_lengths = restore_checkpoint(
+        checkpoint, stateful, generators, envs, eval_envs, carried
+    )
+    finished_returns, finished_lengths, env_time, start_time, last_print = [], [], 0.0, time.time(), 0.0
+    start_step, preemption, checkpoint_path = global_step, Preemption(), os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
         nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
@@ -1128,10 +1113,9 @@ if __name__ == "__main__":
             masks[step + 1] = torch.as_tensor(1.0 - dones, device=device)
             episode_returns += team_rewards
             episode_lengths += 1
-            if dones.any():
-                finished_returns += episode_returns[dones].tolist()
-                finished_lengths += episode_lengths[dones].tolist()
-                episode_returns[dones], episode_lengths[dones] = 0.0, 0
+            finished_returns += episode_returns[dones].tolist()
+            finished_lengths += episode_lengths[dones].tolist()
+            episode_returns[dones], episode_lengths[dones] = 0.0, 0
 
         # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
         agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
@@ -1156,16 +1140,14 @@ if __name__ == "__main__":
 
             # DIAGNOSTICS of the rollout: RVar (Figure 1) and how much of it any Q could remove, Q's fit, the mixer
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
-            probs = rollout_logits.softmax(-1)
             mc_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, 1.0)  # lambda = 1: Monte Carlo
             diagnostics = rollout_diagnostics(
-                raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
-                generators["diagnostics"], joint_q, (q_returns, mc_returns)
+                raw_advantages, active, q_values_online, actions, rollout_logits.softmax(-1), avail_actions[:T], state[:T],
+                mixer, value_norm, generators["diagnostics"], joint_q, (q_returns, mc_returns)
             )  # fmt: skip
 
-        # CHUNKS (Algorithm 1, line 12): the rollout in chunks of --chunk-len steps of all agents of one env, which start
-        # from the hidden states stored in the rollout (line 20). Padding has valid = 0; masks are padded with 1 so that
-        # the GRU stays fused.
+        # CHUNKS (Algorithm 1, line 12): --chunk-len steps of all agents of one env, from the hidden states stored in the
+        # rollout (line 20). Padding has valid = 0; masks are padded with 1 so that the GRU stays fused.
         rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
         rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
@@ -1174,12 +1156,10 @@ if __name__ == "__main__":
         hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
         start_hidden = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk
 
-        # OPTIMIZE (Algorithm 1, line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own
-        # Adam, per minibatch of chunks
-        n_chunks = -(-T // args.chunk_len) * E
+        # OPTIMIZE (line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own Adam, per minibatch
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
-            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+            for mb_chunks in torch.randperm(batch["valid"].shape[1], device=device).tensor_split(args.num_minibatches):
                 mb = {name: x[:, mb_chunks] for name, x in batch.items()}
                 mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
                 mb_critic_in = critic_input(mb["obs"], mb["state"])
@@ -1188,11 +1168,10 @@ if __name__ == "__main__":
                 new_values = critic(mb_critic_in, start_hidden["critic"][mb_chunks], mb_masks)[0]  # [L, B, N]
 
                 loss, parts = actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args)
-                first_minibatch = not stats
-                if first_minibatch and nu > 0:
+                if not stats and nu > 0:  # the first minibatch
                     actor_params = list(actor.parameters())
                     dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
-                if first_minibatch and args.log_grad_var:
+                if not stats and args.log_grad_var:
                     grad_var = actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args)
                 value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
                 weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
@@ -1234,9 +1213,7 @@ if __name__ == "__main__":
         scalars |= {f"losses/{name}": value.item() for name, value in stats.items()}
         scalars["losses/explained_variance"] = explained_var.item()
         scalars["charts/q_tot_mean"] = diagnostics.pop("q_tot_mean").item()
-        diagnostics["dpg_grad_ratio"] = dpg_grad_ratio
-        if grad_var is not None:
-            diagnostics["grad_var"] = grad_var
+        diagnostics |= {"dpg_grad_ratio": dpg_grad_ratio} | ({"grad_var": grad_var} if grad_var is not None else {})
         scalars |= {f"diagnostics/{name}": value.item() for name, value in diagnostics.items()}
         if joint_q is not None:
             scalars["losses/joint_q_loss"] = joint_q_loss.item()
@@ -1274,9 +1251,7 @@ if __name__ == "__main__":
         print(f"done: {global_step} env steps in {wall:.0f} s, {sps} SPS; env stepping took {env_time / wall:.0%} of the time")
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
-            save_atomically({"args": asdict(args), **model}, model_path)
+            save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
             print(f"model saved to {model_path}")
-    envs.close()
-    eval_envs.close()
-    writer.close()
+    for closing in (envs, eval_envs, writer):
+        closing.close()
