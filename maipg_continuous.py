@@ -114,6 +114,8 @@ class Args:
     """the length (steps) of the recurrent training chunks, which start from the hidden states stored in the rollout"""
     target_tau: float = 0.01
     """the soft-update rate of the target Q-networks and mixer, applied after every Q optimiser step"""
+    log_std_init: float = 0.0
+    """the Gaussian policy's initial log-std (0: std 1, MAPPO's; actions are in [-1, 1], so std 1 starts near-random)"""
     ent_coef: float = 0.01
     """the coefficient of the entropy bonus"""
     max_grad_norm: float = 10.0
@@ -190,11 +192,11 @@ class Actor(nn.Module):
     """pi_theta(a_i | o_i, i), shared by all agents: a Gaussian with a state-dependent mean and a state-independent
     log-std (MAPPO's DiagGaussian), no tanh. Padded action dimensions have mean 0 and are masked everywhere else."""
 
-    def __init__(self, input_dim, act_dim, hidden_dim, recurrent):
+    def __init__(self, input_dim, act_dim, hidden_dim, recurrent, log_std_init=0.0):
         super().__init__()
         self.trunk = Trunk(input_dim, hidden_dim, recurrent)
         self.head = layer_init(nn.Linear(hidden_dim, act_dim), std=0.01)
-        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.log_std = nn.Parameter(torch.full((act_dim,), log_std_init))
 
     def forward(self, x, hidden, masks, act_mask):  # -> mean [L, *batch, act_dim] (0 where padded; mu_i, section 3.2), hidden
         features, hidden = self.trunk(x, hidden, masks)
@@ -668,6 +670,7 @@ def check_args(args: Args) -> None:
         (args.dpg_scale in ("raw", "advantage"), f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}"),
         (args.nu_warmup is None or args.nu_warmup >= 0, f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}"),
         (0.0 <= args.nu <= 1.0, f"--nu must be in [0, 1], got {args.nu}"),
+        (-5.0 <= args.log_std_init <= 2.0, f"--log-std-init must be in [-5, 2] (std 0.007 to 7.4), got {args.log_std_init}"),
         *[(getattr(args, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}") for n in at_least_1],
         (args.eval_only is not None or args.total_timesteps >= rollout, short),
         (1 <= args.num_minibatches <= n_chunks, minibatches),
@@ -894,7 +897,7 @@ if __name__ == "__main__":
     act_mask = torch.as_tensor(envs.act_mask, device=device)  # [N, A]: 1 on each agent's real action dimensions
 
     # networks and their three optimisers (App. D)
-    actor = Actor(obs_dim + N, A, H, args.recurrent).to(device)
+    actor = Actor(obs_dim + N, A, H, args.recurrent, args.log_std_init).to(device)
     critic = Critic(state_dim + obs_dim + N, H, args.recurrent).to(device)
     # The Q branch draws its initial weights from its own random stream, so that everything else (actor, V, rollouts)
     # sees the random numbers MAPPO would see: with nu = 0 a run is MAPPO's run, seed for seed, whatever the mixer.

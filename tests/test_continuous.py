@@ -399,6 +399,12 @@ def test_dpg_only_flags_change_a_run_at_nu_above_zero(tmp_path, monkeypatch):
         assert not torch.equal(params[name]["head.weight"], params["base"]["head.weight"]), f"--{name} changed nothing"
 
 
+def test_log_std_init_sets_the_policy_std_it_starts_from():
+    actor = mc.Actor(5, 3, 16, True, log_std_init=-1.0)
+    assert torch.equal(actor.log_std.detach(), torch.full((3,), -1.0))
+    assert torch.equal(mc.Actor(5, 3, 16, True).log_std.detach(), torch.zeros(3))  # MAPPO's std 1
+
+
 def test_log_grad_var_leaves_training_as_it_was(tmp_path, monkeypatch):
     """--log-grad-var is a diagnostic: its 8 extra actor-loss passes (nu > 0, so L_dpg is in them) must not change
     training's random numbers or weights. mu is the Gaussian mean, so they draw nothing."""
@@ -416,6 +422,7 @@ def test_log_grad_var_leaves_training_as_it_was(tmp_path, monkeypatch):
         (["--env", "Swimmer"], "--env must be one of HalfCheetah, Ant, Walker2d, Hopper, Humanoid"),
         (["--env", "Hopper", "--agent-conf", "2x3"], "--agent-conf of Hopper must be one of 3x1"),
         (["--nu", "1.5"], "--nu must be in [0, 1]"),
+        (["--log-std-init", "nan"], "--log-std-init must be in [-5, 2]"),
         (["--mixer", "qtran"], "--mixer must be qmix or vdn"),
         (["--dpg-scale", "td"], "--dpg-scale must be raw or advantage"),
         (["--nu-warmup=-1"], "--nu-warmup must be >= 0 env steps"),
