@@ -1,18 +1,18 @@
 """MAIPG on the StarCraft Multi-Agent Challenge: real StarCraft II (SMAC) where it is installed, JaxMARL's SMAX elsewhere.
 
-Multi-Agent Interpolated Policy Gradients (the paper's eq. (10) and Algorithm 1) is MAPPO plus one deterministic,
-low-variance term: the actor minimises (1 - nu) * L_clip + nu * L_dpg - c_ent * H, L_dpg = -Q_tot(s, mu(o)) / N_alive,
-where L_clip is MAPPO's clipped surrogate on GAE advantages (a mean over the alive agents, hence the 1 / N_alive), Q_tot a
-factorized Q-function (per-agent Q_i mixed by QMIX or VDN) learned with TD(lambda), and mu the reparameterised
-deterministic policy (a straight-through Gumbel-Softmax sample over the available actions). nu = 0 is exactly MAPPO.
+Multi-Agent Interpolated Policy Gradients (eq. (10), Algorithm 1) is MAPPO plus one deterministic, low-variance term: the
+actor minimises (1 - nu) * L_clip + nu * L_dpg - c_ent * H, L_dpg = -Q_tot(s, mu(o)) / N_alive, where L_clip is MAPPO's
+clipped surrogate on GAE advantages (a mean over the alive agents, hence 1 / N_alive), Q_tot a factorized Q-function
+(per-agent Q_i mixed by QMIX or VDN) learned with TD(lambda), and mu the reparameterised deterministic policy (a
+straight-through Gumbel-Softmax sample over the available actions). nu = 0 is exactly MAPPO.
 
     python maipg_smac.py --map 2s3z --nu 0.3            # the paper's SMAC settings (App. D, Table 3), nu overridden
     python maipg_smac.py --map 3m --env-backend smax     # SMAX: SMAC re-implemented in JAX, no game needed
 
-Backends: `sc2` is SMAC itself (`pip install git+https://github.com/oxwhirl/smac.git`, StarCraft II 4.10 in $SC2PATH,
-the SMAC maps in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0` (its win rates are not comparable to
-SMAC's); `auto` takes sc2 when the game and the map are found, else smax. Flags left unset take the map's preset (Table
-3 by difficulty, MAPPO's per-map scripts where the paper is silent); a flag given on the command line beats the preset.
+Backends: `sc2` is SMAC (`pip install git+https://github.com/oxwhirl/smac.git`, StarCraft II 4.10 in $SC2PATH, the maps
+in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0` (win rates not comparable to SMAC's); `auto` takes sc2
+when the game and the map are found, else smax. Flags left unset take the map's preset (Table 3 by difficulty, MAPPO's
+per-map scripts where the paper is silent); a flag given on the command line beats the preset.
 """
 
 import atexit
@@ -64,9 +64,8 @@ class Args:
     checkpoint_interval: int = 200
     """save runs/{run_name}/checkpoint.pt every this many updates (0: never) and on SIGTERM/SIGINT"""
     resume: str | None = None
-    """a checkpoint.pt or its run folder: continue that run in its folder (bit for bit on SMAX; StarCraft II's episodes
-    start afresh) with its own flags; only --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda,
-    --torch-threads and --save-model (an output: a run started without it can save its model) may change"""
+    """a checkpoint.pt or its run folder: continue that run there (bit for bit on SMAX) with its own flags; only
+    --total-timesteps, --eval-interval, --checkpoint-interval, --track, --cuda, --torch-threads, --save-model may change"""
 
     # Environment
     map: str = "2s3z"
@@ -90,8 +89,7 @@ class Args:
     mixer: str = "qmix"
     """how Q_tot is factorized: qmix (monotonic hypernetwork mixer) or vdn (sum of the Q_i)"""
     dpg_scale: str = "raw"
-    """raw: L_dpg in reward units (App. D, which compensates with a small nu); advantage: L_dpg divided by the raw
-    advantages' std, the number that normalises A, which restores eq. (10)'s ratio"""
+    """raw: L_dpg in reward units (App. D; a small nu compensates); advantage: L_dpg / the raw advantages' std (eq. (10))"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises from 0 to --nu, so that Q_hat fits first; unset: --total-timesteps / 5; 0: none"""
     learning_rate: float = 5e-4
@@ -185,7 +183,7 @@ class Trunk(nn.Module):
 
 
 class Actor(nn.Module):
-    """pi_theta(a_i | o_i, i), shared by all agents."""
+    """pi_theta(a_i | o_i, i), shared by all agents -> logits [L, *batch, n_actions] (unavailable at -1e10), hidden"""
 
     def __init__(self, input_dim, n_actions, hidden_dim, recurrent):
         super().__init__()
@@ -193,7 +191,6 @@ class Actor(nn.Module):
         self.head = layer_init(nn.Linear(hidden_dim, n_actions), std=0.01)
 
     def forward(self, x, hidden, masks, avail_actions):
-        """-> logits [L, *batch, n_actions] with unavailable actions at -1e10, hidden [*batch, H]"""
         features, hidden = self.trunk(x, hidden, masks)
         return self.head(features).masked_fill(avail_actions == 0, -1e10), hidden
 
@@ -428,9 +425,8 @@ def critic_input(obs, state, alive):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Environment: SMAC on StarCraft II (`sc2`) or on SMAX (`smax`), behind one batched interface. Both return arrays shaped
-# [envs, agents, ...]; a finished env is reset inside `step` after its terminal step was read (its reward, win and done
-# are returned; the returned obs is the first of its next episode).
+# Environment: SMAC on StarCraft II (`sc2`) or SMAX (`smax`) behind one batched interface of EnvSteps. `step` resets a
+# finished env after reading its last step: its reward, done and win come with the first obs of its next episode.
 # ---------------------------------------------------------------------------------------------------------------------
 SMAC_EPISODE_LIMITS = {  # smac/env/starcraft2/maps/smac_maps.py
     "3m": 60, "8m": 120, "25m": 150, "5m_vs_6m": 70, "8m_vs_9m": 120, "10m_vs_11m": 150, "27m_vs_30m": 180, "MMM": 150,
@@ -471,27 +467,26 @@ def compile_smax(map_name: str, num_envs: int, compile_cache_dir: str):
     agents = env.agents
     strong_types = lambda tree: jax.tree.map(lambda x: x.astype(x.dtype), tree)  # no weak types: one compiled step
 
-    def world_state(states):
-        """SMAX's world state [E, units * F + 2 * units] (per unit: health, x, y, cooldown, type one-hot; then every
-        unit's team and type index) on SMAC's scale, positions / map size and type indices / the largest, in [0, 1]:
-        raw, the positions (0 to 32) would dominate the mixer's hypernetworks, which see the state unnormalised."""
+    def observe(states):
+        """[E]-batched env states -> obs [E, N, obs_dim], state [E, state_dim], avail [E, N, A], alive [E, N]. The state
+        is SMAX's world state [E, units * F + 2 * units] (per unit: health, x, y, cooldown, type one-hot; then every unit's
+        team and type index) on SMAC's scale, positions / map size and type indices / the largest, in [0, 1]: raw, the
+        positions (0 to 32) would dominate the mixer's hypernetworks, which see the state unnormalised."""
+        obs, avail = jax.vmap(env.get_obs)(states), jax.vmap(env.get_avail_actions)(states)
+        obs, avail = jnp.stack([obs[a] for a in agents], axis=1), jnp.stack([avail[a] for a in agents], axis=1)
         n_units, n_features = env.num_allies + env.num_enemies, len(env.own_features)
         raw = jax.vmap(env.get_world_state)(states)
         units = raw[:, : n_units * n_features].reshape(-1, n_units, n_features)
         units = units.at[:, :, 1:3].divide(jnp.array([env.map_width, env.map_height]))
         types = raw[:, -n_units:] / (env.unit_type_bits - 1)
-        return jnp.concatenate([units.reshape(-1, n_units * n_features), raw[:, -2 * n_units : -n_units], types], axis=1)
-
-    def observe(states):
-        """[E]-batched env states -> obs [E, N, obs_dim], state [E, state_dim], avail [E, N, A], alive [E, N]."""
-        obs, avail = jax.vmap(env.get_obs)(states), jax.vmap(env.get_avail_actions)(states)
-        obs, avail = jnp.stack([obs[a] for a in agents], axis=1), jnp.stack([avail[a] for a in agents], axis=1)
-        return obs, world_state(states), avail.astype(jnp.float32), states.state.unit_alive[:, : env.num_allies]
+        state = jnp.concatenate([units.reshape(-1, n_units * n_features), raw[:, -2 * n_units : -n_units], types], axis=1)
+        return obs, state, avail.astype(jnp.float32), states.state.unit_alive[:, : env.num_allies]
 
     def reset(key):
         key, reset_key = jax.random.split(key)
         _, states = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
-        return key, strong_types(states), observe(states)
+        no_reward = jnp.zeros(num_envs)  # and no episode ended: done and won are False
+        return key, strong_types(states), observe(states) + (no_reward, no_reward != 0, no_reward != 0)
 
     def step(key, states, actions):
         key, step_key, reset_key = jax.random.split(key, 3)
@@ -508,9 +503,8 @@ def compile_smax(map_name: str, num_envs: int, compile_cache_dir: str):
     # compiled here, ahead of time, so that the run's env-stepping time is stepping only
     key = jax.random.PRNGKey(0)
     lowered_reset = jax.jit(reset).lower(key)
-    states = lowered_reset.out_info[1]  # the shapes and dtypes of the batched env states
-    actions = jax.ShapeDtypeStruct((num_envs, env.num_allies), jnp.int32)
-    return env, lowered_reset.compile(), jax.jit(step).lower(key, states, actions).compile()
+    actions = jax.ShapeDtypeStruct((num_envs, env.num_allies), jnp.int32)  # out_info[1]: the batched states' shapes
+    return env, lowered_reset.compile(), jax.jit(step).lower(key, lowered_reset.out_info[1], actions).compile()
 
 
 class SmaxEnvs:
@@ -523,27 +517,23 @@ class SmaxEnvs:
         self.num_envs, self.num_agents = num_envs, env.num_allies
         self.obs_dim, self.state_dim = env.observation_space(env.agents[0]).shape[0], env.state_size
         self.n_actions, self.episode_limit = env.action_space(env.agents[0]).n, env.max_steps
-        self.key, self.states = jax.random.PRNGKey(seed), None
+        self.jax, self.key, self.states = jax, jax.random.PRNGKey(seed), None  # jax: an optional package, imported here
 
     def reset(self) -> EnvStep:
-        self.key, self.states, (obs, state, avail, alive) = self._reset(self.key)
-        zeros = np.zeros(self.num_envs, dtype=np.float32)
-        return EnvStep(*map(np.array, (obs, state, avail, alive)), zeros, zeros.astype(bool), zeros.astype(bool))
+        self.key, self.states, out = self._reset(self.key)
+        return EnvStep(*map(np.array, out))  # copies: torch wants writable arrays
 
     def step(self, actions: np.ndarray) -> EnvStep:
         self.key, self.states, out = self._step(self.key, self.states, np.asarray(actions, dtype=np.int32))
-        return EnvStep(*map(np.array, out))  # copies: torch wants writable arrays
+        return EnvStep(*map(np.array, out))
 
     def state_dict(self) -> dict:
         """Everything the next steps depend on (for --resume): the JAX key and the env states, as NumPy arrays."""
-        import jax
-
-        return {"key": jax.device_get(self.key), "states": jax.device_get(self.states)}
+        return {"key": self.jax.device_get(self.key), "states": self.jax.device_get(self.states)}
 
     def load_state_dict(self, state: dict) -> None:
-        import jax
-
-        self.key, self.states = jax.numpy.asarray(state["key"]), jax.tree.map(jax.numpy.asarray, state["states"])
+        jnp = self.jax.numpy
+        self.key, self.states = jnp.asarray(state["key"]), self.jax.tree.map(jnp.asarray, state["states"])
 
     def close(self):
         pass
@@ -560,35 +550,28 @@ def make_starcraft2_env(map_name: str, seed: int):
 
 
 def sc2_worker(remote, parent_remote, env_factory):
-    """One StarCraft2Env (one game process) per worker process; commands and arrays cross the pipe."""
+    """One StarCraft2Env (one game process) per worker process. It answers get_env_info with SMAC's dict, and reset and
+    step (the env's actions) with the fields of an EnvStep, resetting a finished episode after its last step is read."""
     # Ctrl-C's SIGINT and Slurm's SIGTERM may reach the whole process group: the main process checkpoints, then closes
     # the workers. Ignored here, they stay ignored in the game this worker starts (across exec, unless it handles them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent_remote.close()
     env = env_factory()
-
-    def observe():
-        obs, state = np.array(env.get_obs(), dtype=np.float32), np.array(env.get_state(), dtype=np.float32)
-        avail = np.array(env.get_avail_actions(), dtype=np.float32)
-        return obs, state, avail, avail[:, 0] == 0  # alive: a dead agent can only no-op (action 0), a live one never can
-
     try:
-        while True:
-            command, data = remote.recv()
-            if command == "step":
-                reward, terminated, info = env.step(data)
-                won = bool(info.get("battle_won", False))  # a failed game step returns an empty info
-                if terminated:
-                    env.reset()
-                remote.send(observe() + (reward, terminated, won))
-            elif command == "reset":
-                env.reset()
-                remote.send(observe())
-            elif command == "get_env_info":
+        while (request := remote.recv())[0] != "close":
+            command, actions = request
+            if command == "get_env_info":
                 remote.send(env.get_env_info())
-            elif command == "close":
-                break
+                continue
+            reward, terminated, info = env.step(actions) if command == "step" else (0.0, False, {})
+            if command == "reset" or terminated:
+                env.reset()
+            obs, state = np.array(env.get_obs(), dtype=np.float32), np.array(env.get_state(), dtype=np.float32)
+            avail = np.array(env.get_avail_actions(), dtype=np.float32)
+            alive = avail[:, 0] == 0  # a dead agent can only no-op (action 0), a live one never can
+            won = bool(info.get("battle_won", False))  # a failed game step returns an empty info
+            remote.send((obs, state, avail, alive, np.float32(reward), terminated, won))
     finally:
         env.close()
         remote.close()
@@ -614,18 +597,13 @@ class Sc2Envs:
         self.n_actions, self.episode_limit = info["n_actions"], info["episode_limit"]
 
     def reset(self) -> EnvStep:
-        for remote in self.remotes:
-            remote.send(("reset", None))
-        obs, state, avail, alive = map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True))
-        zeros = np.zeros(self.num_envs, dtype=np.float32)
-        return EnvStep(obs, state, avail, alive, zeros, zeros.astype(bool), zeros.astype(bool))
+        return self.step(None)
 
-    def step(self, actions: np.ndarray) -> EnvStep:
-        for remote, env_actions in zip(self.remotes, actions, strict=True):
-            remote.send(("step", env_actions.tolist()))
-        out = map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True))
-        obs, state, avail, alive, rewards, dones, won = out
-        return EnvStep(obs, state, avail, alive, rewards.astype(np.float32), dones, won)
+    def step(self, actions: np.ndarray | None) -> EnvStep:
+        """actions [E, N], or None: reset every env."""
+        for i, remote in enumerate(self.remotes):
+            remote.send(("reset", None) if actions is None else ("step", actions[i].tolist()))
+        return EnvStep(*map(np.stack, zip(*[remote.recv() for remote in self.remotes], strict=True)))
 
     def close(self):
         """Each worker closes its game; one that has died is skipped, one that hangs is killed after 30 s."""
@@ -826,30 +804,27 @@ def require(module: str, install: str, flag: str):
 
 def check_args(args: Args) -> None:
     """Bad input stops the run before anything is written, with one line naming the flag (fail)."""
-    if args.map not in SMAC_EPISODE_LIMITS:
-        fail(f"--map must be a SMAC map ({', '.join(SMAC_EPISODE_LIMITS)}), got {args.map!r}")
-    choices = {"env_backend": ("auto", "sc2", "smax"), "mixer": ("qmix", "vdn"), "dpg_scale": ("raw", "advantage")}
-    for name, allowed in choices.items():
-        if getattr(args, name) not in allowed:
-            one_of = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-            fail(f"--{name.replace('_', '-')} must be {one_of}, got {getattr(args, name)!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if args.nu is not None and not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for name in ("num_envs", "num_steps", "chunk_len", "torch_threads", "eval_episodes", "update_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:  # --update-epochs unset takes the preset
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_only is None and args.total_timesteps < args.num_envs * args.num_steps:
-        rollout = f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})"
-        fail(f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout {rollout}")
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if args.num_minibatches is not None and not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
+    rollout, n_chunks = args.num_envs * args.num_steps, args.num_envs * -(-args.num_steps // max(args.chunk_len, 1))
+    at_least_1 = ("num_envs", "num_steps", "chunk_len", "torch_threads", "eval_episodes")
+    short = f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout (--num-envs x --num-steps = {rollout})"
+    minibatches = f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}"
+    checks = [  # (the flags are valid, what they accept); the first that fails stops the run
+        (args.map in SMAC_EPISODE_LIMITS, f"--map must be a SMAC map ({', '.join(SMAC_EPISODE_LIMITS)}), got {args.map!r}"),
+        (args.env_backend in ("auto", "sc2", "smax"), f"--env-backend must be auto, sc2 or smax, got {args.env_backend!r}"),
+        (args.mixer in ("qmix", "vdn"), f"--mixer must be qmix or vdn, got {args.mixer!r}"),
+        (args.dpg_scale in ("raw", "advantage"), f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}"),
+        (args.nu_warmup is None or args.nu_warmup >= 0, f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}"),
+        (args.nu is None or 0.0 <= args.nu <= 1.0, f"--nu must be in [0, 1], got {args.nu}"),
+        *[(getattr(args, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}") for n in at_least_1],
+        (args.update_epochs is None or args.update_epochs >= 1, f"--update-epochs must be >= 1, got {args.update_epochs}"),
+        (args.eval_only is not None or args.total_timesteps >= rollout, short),
+        (args.num_minibatches is None or 1 <= args.num_minibatches <= n_chunks, minibatches),
+        (args.checkpoint_interval >= 0, f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}"),
+        (args.eval_only is None or os.path.isfile(args.eval_only), f"--eval-only: no such file {args.eval_only!r}"),
+    ]
+    for valid, message in checks:
+        if not valid:
+            fail(message)
 
 
 # Per-map presets: the paper's Table 3 by difficulty; MAPPO's per-map scripts where the paper is silent.
@@ -861,10 +836,9 @@ SMAC_DIFFICULTY = {
     "super hard": ["MMM2", "3s5z_vs_3s6z", "27m_vs_30m", "6h_vs_8z", "corridor"],
 }  # fmt: skip
 TABLE3 = {
-    "easy": {"update_epochs": 5, "nu": 0.4},
-    "hard": {"update_epochs": 10, "nu": 0.3},
+    "easy": {"update_epochs": 5, "nu": 0.4}, "hard": {"update_epochs": 10, "nu": 0.3},
     "super hard": {"update_epochs": 15, "nu": 0.3},
-}
+}  # fmt: skip
 MAPPO_MAP_SCRIPTS = {  # onpolicy/scripts/train_smac_scripts/train_smac_{map}.sh
     "5m_vs_6m": {"clip_coef": 0.05}, "8m_vs_9m": {"clip_coef": 0.05}, "3s_vs_5z": {"clip_coef": 0.05, "recurrent": False},
     "3s_vs_4z": {"recurrent": False}, "corridor": {"recurrent": False}, "6h_vs_8z": {"recurrent": False},
@@ -1063,8 +1037,7 @@ if __name__ == "__main__":
         args.resume, checkpoint = load_checkpoint(args.resume, os.path.basename(__file__))
         args = resume_args(args, checkpoint)
     check_args(args)
-    # a resumed run's args hold the presets already resolved: it keeps the record of where they came from
-    presets = checkpoint["presets"] if checkpoint else apply_presets(args)
+    presets = checkpoint["presets"] if checkpoint else apply_presets(args)  # a resumed run's args hold them resolved
     args.batch_size = args.num_envs * args.num_steps
     args.num_updates = args.total_timesteps // args.batch_size
     if args.nu_warmup is None:  # resolved once: a resumed run keeps it whatever its --total-timesteps
@@ -1080,7 +1053,7 @@ if __name__ == "__main__":
     if args.eval_only is not None:
         evaluate_saved_model(args, device)  # and exit
 
-    # a resumed run keeps the backend it ran on, which auto might not pick again
+    # a resumed run keeps its backend (which auto might not pick again), its name and its folder
     backend = resolve_backend(replace(args, env_backend=checkpoint["backend"]) if checkpoint else args)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.map}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(args.resume) if checkpoint else f"runs/{run_name}"
@@ -1090,8 +1063,8 @@ if __name__ == "__main__":
         writer.add_text("presets", "|flag|value|from|\n|-|-|-|\n" + table)
     print(f"{args.map} ({backend}): " + ", ".join(f"{name} {value} ({source})" for name, (value, source) in presets.items()))
 
-    # env setup: sizes come from the env (SMAC and SMAX observe differently); the mixer state is the global state
-    resumed_after = checkpoint["update"] if checkpoint else None  # StarCraft II starts afresh on --resume (resumed_seeds)
+    # env setup: sizes come from the env (SMAC and SMAX observe differently); StarCraft II starts afresh on --resume
+    resumed_after = checkpoint["update"] if checkpoint else None
     envs = make_envs(args, backend, resumed_seeds(env_seeds(args.seed, "train", args.num_envs), resumed_after))
     eval_seeds = resumed_seeds(env_seeds(args.seed, "eval", args.num_envs), resumed_after)
     eval_envs = make_envs(args, backend, eval_seeds) if args.eval_interval > 0 else None
@@ -1110,10 +1083,9 @@ if __name__ == "__main__":
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)  # of V's targets; Q_tot learns in its units too (q_loss)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
-    actor_optimizer, critic_optimizer, q_optimizer = (
-        torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-        for params in (actor.parameters(), critic.parameters(), q_params)
-    )
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
     generators = {"diagnostics": torch.Generator(device=device).manual_seed(args.seed + 2)}  # keeps MAPPO's stream as is
     # what a checkpoint saves and --resume restores, besides generators, envs and the carried-over rollout slot
     stateful = {"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer, "target_agent_q": target_agent_q}
@@ -1128,8 +1100,7 @@ if __name__ == "__main__":
     active_masks = torch.ones(T + 1, E, N, device=device)  # 0 for agents dead at obs[t] (all alive at an episode start)
     actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
     actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
-    logprobs = torch.zeros(T, E, N, device=device)
-    rollout_logits = torch.zeros(T, E, N, A, device=device)
+    logprobs, rollout_logits = torch.zeros(T, E, N, device=device), torch.zeros(T, E, N, A, device=device)
     rewards = torch.zeros(T, E, device=device)  # the team reward (SMAC gives one; SMAX gives it to every ally)
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
     # slot T of these becomes slot 0 of the next rollout: episodes continue across updates
@@ -1153,8 +1124,7 @@ if __name__ == "__main__":
         (last_return, last_win_rate, eval_win_rate), (episode_returns, episode_lengths) = restore_checkpoint(
             checkpoint, stateful, generators, envs, eval_envs, carried, (episode_returns, episode_lengths)
         )
-    start_step, preemption = global_step, Preemption()
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    start_step, preemption, checkpoint_path = global_step, Preemption(), os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
         nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
@@ -1288,20 +1258,17 @@ if __name__ == "__main__":
         sps = int((global_step - start_step) / (time.time() - start_time))
         explained_var = 1 - weighted_var(returns - values_raw[:T], active) / weighted_var(returns, active)
         scalars = {"charts/SPS": sps, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"], "charts/nu": nu}
-        scalars |= {f"losses/{name}": value.item() for name, value in stats.items()}
-        scalars["losses/explained_variance"] = explained_var.item()
-        scalars["charts/q_tot_mean"] = diagnostics.pop("q_tot_mean").item()
-        diagnostics["dpg_grad_ratio"] = dpg_grad_ratio
-        if grad_var is not None:
-            diagnostics["grad_var"] = grad_var
-        scalars |= {f"diagnostics/{name}": value.item() for name, value in diagnostics.items()}
+        scalars |= {f"losses/{name}": value for name, value in {**stats, "explained_variance": explained_var}.items()}
+        scalars["charts/q_tot_mean"] = diagnostics.pop("q_tot_mean")
+        diagnostics |= {"dpg_grad_ratio": dpg_grad_ratio} | ({} if grad_var is None else {"grad_var": grad_var})
+        scalars |= {f"diagnostics/{name}": value for name, value in diagnostics.items()}
         if finished_returns:
             last_return, last_win_rate = np.mean(finished_returns), np.mean(finished_wins)  # training episodes finished
             scalars |= {"charts/episodic_return": last_return, "charts/episodic_length": np.mean(finished_lengths)}
             scalars["charts/win_rate"] = last_win_rate
             finished_returns, finished_lengths, finished_wins = [], [], []
         for tag, value in scalars.items():
-            writer.add_scalar(tag, value, global_step)
+            writer.add_scalar(tag, float(value), global_step)
 
         # EVALUATE: greedy episodes with fresh hidden states on separate envs
         if args.eval_interval > 0 and (update % args.eval_interval == 0 or update == args.num_updates):
@@ -1335,7 +1302,6 @@ if __name__ == "__main__":
             model = {name: stateful[name].state_dict() for name in MODEL_PARTS}
             save_atomically({"args": {**asdict(args), "env_backend": backend}, **model}, model_path)
             print(f"model saved to {model_path}")
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
-    writer.close()
+    for closing in (envs, eval_envs, writer):
+        if closing is not None:
+            closing.close()
