@@ -95,8 +95,7 @@ class Args:
     dpg_scale: str = "raw"
     """raw: L_dpg in reward units (App. D, small nu); advantage: divided by the raw advantages' std (eq. (10)'s ratio)"""
     nu_warmup: DisallowNone[int | None] = None
-    """env steps over which nu rises linearly from 0 to --nu, so that Q_hat fits before it steers; unset, a fifth of
-    the --total-timesteps, fixed when the run starts; 0: no warm-up"""
+    """env steps over which nu rises from 0 to --nu, so that Q_hat fits first; unset: --total-timesteps / 5; 0: none"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -423,8 +422,7 @@ def actor_input(obs):
 
 def critic_input(obs, state):
     """MAPPO's agent-specific critic input: state [*batch, S] ++ own observation ++ id -> [*batch, N, S + D + N]"""
-    num_agents = obs.shape[-2]
-    return torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], num_agents, -1), actor_input(obs)], -1)
+    return actor_input(torch.cat([state.unsqueeze(-2).expand(*state.shape[:-1], obs.shape[-2], -1), obs], -1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,18 +432,11 @@ def critic_input(obs, state):
 # the paper's five (the counterattacks field 10 outfield players, of which the agents steer 4: the engine hands its
 # controllers to players as the play moves), every outfield player for the others. The goalkeeper is the built-in AI's.
 ACADEMY_SCENARIOS = {
-    "academy_3_vs_1_with_keeper": 3,
-    "academy_counterattack_easy": 4,
-    "academy_counterattack_hard": 4,
-    "academy_corner": 10,
-    "academy_run_pass_and_shoot_with_keeper": 2,
-    "academy_pass_and_shoot_with_keeper": 2,
-    "academy_empty_goal_close": 1,
-    "academy_empty_goal": 1,
-    "academy_run_to_score": 1,
-    "academy_run_to_score_with_keeper": 1,
+    "academy_3_vs_1_with_keeper": 3, "academy_counterattack_easy": 4, "academy_counterattack_hard": 4, "academy_corner": 10,
+    "academy_run_pass_and_shoot_with_keeper": 2, "academy_pass_and_shoot_with_keeper": 2, "academy_empty_goal_close": 1,
+    "academy_empty_goal": 1, "academy_run_to_score": 1, "academy_run_to_score_with_keeper": 1,
     "academy_single_goal_versus_lazy": 10,
-}
+}  # fmt: skip
 GRF_OBS_DIM, GRF_N_ACTIONS = 115, 19  # simple115v2 features; gfootball's default action set
 INSTALL_GRF = "run `bash scripts/install_grf.sh` (it compiles gfootball 2.10.2 and its engine, about 5 minutes)"
 RENDER_RESOLUTION = (480, 270)  # video frames; the engine's 1280 x 720 renders at under 2 frames/s without a GPU
@@ -471,7 +462,7 @@ def reset_football_env(env, rng: np.random.Generator, num_agents: int) -> np.nda
 
 
 def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
-    """The body of one env process: holds one env per seed and answers FootballEnvs' commands over pipe."""
+    """The body of one env process: holds one env per seed and answers FootballEnvs' commands over pipe until "close"."""
     main_pipe.close()  # the main process's end (copied by fork): once that process is gone, pipe.recv() raises EOFError
     # Ctrl-C, and a SIGTERM to the process group (Slurm), are for the main process: it checkpoints, then closes this one
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -481,24 +472,21 @@ def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
     rngs = [np.random.default_rng(seed) for seed in seeds]  # per-episode engine seeds, independent of --num-workers
     scores = np.zeros(n, dtype=np.float32)  # the running episode's sum of score_reward (+1 goal, -1 conceded)
     try:
-        while True:
-            command, data = pipe.recv()
+        for command, data in iter(pipe.recv, ("close", None)):
             if command == "reset":  # data: None, or new seeds for the envs' streams of engine seeds
                 rngs = rngs if data is None else [np.random.default_rng(seed) for seed in data]
                 scores[:] = 0.0
                 pipe.send(np.stack([reset_football_env(env, rng, num_agents) for env, rng in zip(envs, rngs, strict=True)]))
-            elif command == "step":  # data: actions [n, N], and which envs step (None: all; the others return zeros)
+            elif command == "step":  # data: actions [n, N], and stepping [n], the envs that step (the others return zeros)
                 actions, stepping = data
                 obs, rewards = np.zeros((n, num_agents, GRF_OBS_DIM), np.float32), np.zeros((n, num_agents), np.float32)
                 dones, ended_scores = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float32)
-                for i, env in enumerate(envs):
-                    if stepping is not None and not stepping[i]:
-                        continue
-                    env_obs, rewards[i], dones[i], info = env.step(actions[i])
+                for i in np.flatnonzero(stepping):
+                    env_obs, rewards[i], dones[i], info = envs[i].step(actions[i])
                     scores[i] += info["score_reward"]
                     if dones[i]:  # the scenario ended it: report its score and start the next episode at once
                         ended_scores[i], scores[i] = scores[i], 0.0
-                        env_obs = reset_football_env(env, rngs[i], num_agents)
+                        env_obs = reset_football_env(envs[i], rngs[i], num_agents)
                     obs[i] = np.reshape(env_obs, (num_agents, GRF_OBS_DIM))
                 pipe.send((obs, rewards, dones, ended_scores))
             elif command == "render":
@@ -506,8 +494,6 @@ def football_worker(pipe, main_pipe, scenario: str, seeds: list[int]):
                     pipe.send(envs[0].render(mode="rgb_array"))
                 except Exception as error:  # no OpenGL here: say so instead of dying
                     pipe.send(RuntimeError(f"gfootball could not render: {error!r}"))
-            elif command == "close":
-                break
     except EOFError:  # the main process ended without closing the envs
         pass
     finally:
@@ -525,10 +511,11 @@ class FootballEnvs:
     default_rng(seeds[i]), whatever --num-workers is. An env whose episode ends (a goal, the ball out of play or lost, or
     400 steps) is reset inside `step`. A worker that dies, or does not answer in timeout s, raises EnvProcessError."""
 
+    obs_dim, n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
+
     def __init__(self, scenario: str, seeds: list[int], num_workers: int, timeout: float):
         self.scenario, self.timeout = scenario, timeout
         self.num_envs, self.num_agents = len(seeds), ACADEMY_SCENARIOS[scenario]
-        self.obs_dim, self.n_actions = GRF_OBS_DIM, GRF_N_ACTIONS
         # fork: the workers inherit the imported engine (started before any torch work, so no thread pool is copied)
         context = multiprocessing.get_context("fork")
         self.env_ids = np.array_split(np.arange(self.num_envs), min(num_workers, self.num_envs))
@@ -545,24 +532,26 @@ class FootballEnvs:
         # them forever: a run that stops early (a dead env process, a non-finite loss) closes them first
         atexit.register(self.close)
 
-    def send(self, worker: int, command: str, data=None):
-        try:
-            self.pipes[worker].send((command, data))
-        except OSError:  # BrokenPipeError, ConnectionResetError: the process has ended
-            self.fail(worker, "died")
-
-    def receive(self, worker: int):  # the answer to the last command, waiting at most timeout seconds
-        try:
-            if self.pipes[worker].poll(self.timeout):
-                return self.pipes[worker].recv()
-        except (EOFError, OSError):  # the process has ended
-            self.fail(worker, "died")
-        self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
+    def ask(self, command: str, data: list) -> list:
+        """Sends worker w (command, data[w]), for the first len(data) workers -> their answers, each awaited timeout s."""
+        for worker, worker_data in enumerate(data):
+            try:
+                self.pipes[worker].send((command, worker_data))
+            except OSError:  # BrokenPipeError, ConnectionResetError: the process has ended
+                self.fail(worker, "died")
+        answers = []
+        for worker in range(len(data)):
+            try:
+                if not self.pipes[worker].poll(self.timeout):
+                    self.fail(worker, f"has not answered in {self.timeout:g} s (a hung engine?)")
+                answers.append(self.pipes[worker].recv())
+            except (EOFError, OSError):  # the process has ended
+                self.fail(worker, "died")
+        return answers
 
     def fail(self, worker: int, problem: str):  # kills every worker (the envs are out of step now)
         for process in self.processes:
             process.kill()  # SIGKILL: the workers ignore SIGTERM; nothing for a process that has ended
-        for process in self.processes:
             process.join(timeout=10)
         if problem == "died":
             code = self.processes[worker].exitcode  # -n: killed by signal n (SIGSEGV: the engine crashed)
@@ -571,22 +560,18 @@ class FootballEnvs:
         raise EnvProcessError(f"{self.scenario}: env process {worker} (envs {ids[0]}-{ids[-1]}) {problem}")
 
     def reset(self, seeds: list[int] | None = None) -> np.ndarray:  # -> obs [E, N, 115]; seeds: env i's stream anew
-        for worker, ids in enumerate(self.env_ids):
-            self.send(worker, "reset", None if seeds is None else [seeds[i] for i in ids])
-        return np.concatenate([self.receive(worker) for worker in range(len(self.pipes))])
+        return np.concatenate(self.ask("reset", [None if seeds is None else [seeds[i] for i in ids] for ids in self.env_ids]))
 
     def step(self, actions: np.ndarray, stepping: np.ndarray | None = None) -> tuple:
         """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of an episode
         that ended: +1 the left team scored, -1 it conceded; 0 where none ended). With stepping [E] (bool), only those
         envs step; the others wait, returning zeros."""
-        for worker, ids in enumerate(self.env_ids):
-            self.send(worker, "step", (actions[ids], None if stepping is None else stepping[ids]))
-        results = [self.receive(worker) for worker in range(len(self.pipes))]
-        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
+        stepping = np.ones(self.num_envs, dtype=bool) if stepping is None else stepping
+        answers = self.ask("step", [(actions[ids], stepping[ids]) for ids in self.env_ids])
+        return tuple(np.concatenate(parts) for parts in zip(*answers, strict=True))
 
     def render(self) -> np.ndarray:  # -> env 0's current frame [270, 480, 3] uint8
-        self.send(0, "render")
-        if isinstance(frame := self.receive(0), Exception):
+        if isinstance(frame := self.ask("render", [None])[0], Exception):
             raise frame
         return frame
 
@@ -597,21 +582,18 @@ class FootballEnvs:
                 pipe.send(("close", None))
         for process in self.processes:
             process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            process.kill()  # one that hangs; nothing for one that has ended
+            process.join()
 
 
 def make_envs(args, resumed_after: int | None):
     """The train, eval (60 MB per engine: only with evaluations) and video (--capture-video) envs, each stream with seeds
     of its own (a resumed run's start afresh)."""
     seeds = lambda stream, n: resumed_seeds(env_seeds(args.seed, stream, n), resumed_after)
-    make = lambda seeds, num_workers: FootballEnvs(args.scenario, seeds, num_workers, args.env_timeout)
-    envs = make(seeds("train", args.num_envs), args.num_workers)
-    eval_envs = (
-        make(seeds("eval", min(args.eval_episodes, args.num_envs)), args.num_workers) if args.eval_interval > 0 else None
-    )
-    video_envs = make(seeds("video", 1), 1) if args.capture_video and eval_envs is not None else None
+    make = lambda stream, n, num_workers: FootballEnvs(args.scenario, seeds(stream, n), num_workers, args.env_timeout)
+    envs = make("train", args.num_envs, args.num_workers)
+    eval_envs = make("eval", min(args.eval_episodes, args.num_envs), args.num_workers) if args.eval_interval > 0 else None
+    video_envs = make("video", 1, 1) if args.capture_video and eval_envs is not None else None
     return envs, eval_envs, video_envs
 
 
@@ -627,9 +609,9 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None, seeds=N
     obs, hidden = torch.as_tensor(envs.reset(seeds), device=device), torch.zeros(E, N, hidden_dim, device=device)
     masks, avail_actions = torch.ones(1, E, N, device=device), torch.ones(1, E, N, envs.n_actions, device=device)
     running_returns, returns, scores = np.zeros(E), [], []
-    if frames is not None:
-        frames.append(envs.render())
     while left.any():
+        if frames is not None and left[0] > 0:  # the first frame, then one per step of env 0's share
+            frames.append(envs.render())
         logits, hidden = actor(actor_input(obs)[None], hidden, masks, avail_actions)
         next_obs, rewards, dones, ended_scores = envs.step(logits[0].argmax(-1).cpu().numpy(), stepping=left > 0)
         running_returns += rewards.sum(-1)
@@ -640,8 +622,6 @@ def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None, seeds=N
         running_returns[dones] = 0.0
         masks = torch.as_tensor(1.0 - dones, dtype=torch.float32, device=device).view(1, E, 1).expand(1, E, N)
         obs = torch.as_tensor(next_obs, device=device)
-        if frames is not None and left[0] > 0:
-            frames.append(envs.render())
     return np.array(returns), np.array(scores)
 
 
@@ -775,30 +755,28 @@ def require(module: str, install: str, flag: str):
 
 
 def check_args(args: Args) -> None:
-    """The first bad flag stops the run with one line naming it and what it accepts."""
-    choices = {"scenario": tuple(ACADEMY_SCENARIOS), "mixer": ("qmix", "vdn"), "dpg_scale": ("raw", "advantage")}
-    for flag, accepted in choices.items():
-        if getattr(args, flag) not in accepted:
-            listed = " or ".join(accepted) if len(accepted) == 2 else f"one of {', '.join(accepted)}"
-            fail(f"--{flag.replace('_', '-')} must be {listed}, got {getattr(args, flag)!r}")
-    if args.nu_warmup is not None and args.nu_warmup < 0:
-        fail(f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}")
-    if not 0.0 <= args.nu <= 1.0:
-        fail(f"--nu must be in [0, 1], got {args.nu}")
-    for flag in ("num_envs", "num_steps", "num_workers", "update_epochs", "chunk_len", "torch_threads", "eval_episodes"):
-        if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.eval_only is None and args.total_timesteps < (rollout := args.num_envs * args.num_steps):
-        fail(f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout (--num-envs x --num-steps = {rollout})")
-    n_chunks = args.num_envs * -(-args.num_steps // args.chunk_len)
-    if not 1 <= args.num_minibatches <= n_chunks:
-        fail(f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}")
-    if not args.env_timeout > 0:
-        fail(f"--env-timeout must be > 0 seconds, got {args.env_timeout}")
-    if args.checkpoint_interval < 0:
-        fail(f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}")
-    if args.eval_only is not None and not os.path.isfile(args.eval_only):
-        fail(f"--eval-only: no such file {args.eval_only!r}")
+    """The first bad flag stops the run with one line naming it and what it accepts (fail)."""
+    rollout, n_chunks = args.num_envs * args.num_steps, args.num_envs * -(-args.num_steps // max(args.chunk_len, 1))
+    at_least_1 = ("num_envs", "num_steps", "num_workers", "update_epochs", "chunk_len", "torch_threads", "eval_episodes")
+    scenarios = f"one of {', '.join(ACADEMY_SCENARIOS)}"
+    short = f"--total-timesteps ({args.total_timesteps}) is smaller than one rollout (--num-envs x --num-steps = {rollout})"
+    minibatches = f"--num-minibatches must be in [1, {n_chunks}] (the number of training chunks), got {args.num_minibatches}"
+    checks = [  # (the flags are valid, what they accept)
+        (args.scenario in ACADEMY_SCENARIOS, f"--scenario must be {scenarios}, got {args.scenario!r}"),
+        (args.mixer in ("qmix", "vdn"), f"--mixer must be qmix or vdn, got {args.mixer!r}"),
+        (args.dpg_scale in ("raw", "advantage"), f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}"),
+        (args.nu_warmup is None or args.nu_warmup >= 0, f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}"),
+        (0.0 <= args.nu <= 1.0, f"--nu must be in [0, 1], got {args.nu}"),
+        *[(getattr(args, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}") for n in at_least_1],
+        (args.eval_only is not None or args.total_timesteps >= rollout, short),
+        (1 <= args.num_minibatches <= n_chunks, minibatches),
+        (args.env_timeout > 0, f"--env-timeout must be > 0 seconds, got {args.env_timeout}"),
+        (args.checkpoint_interval >= 0, f"--checkpoint-interval must be >= 0 (0: never), got {args.checkpoint_interval}"),
+        (args.eval_only is None or os.path.isfile(args.eval_only), f"--eval-only: no such file {args.eval_only!r}"),
+    ]
+    for valid, message in checks:
+        if not valid:
+            fail(message)
 
 
 def env_seeds(seed: int, stream: str, num_envs: int) -> list[int]:
@@ -904,24 +882,20 @@ def evaluate_saved_model(args: Args, device) -> None:
         model = torch.load(args.eval_only, map_location=device, weights_only=True)
     except Exception as error:
         fail(f"--eval-only: {args.eval_only!r} is not a model saved by --save-model ({type(error).__name__})")
-    saved = Args(**{**model["args"], "eval_episodes": args.eval_episodes, "num_workers": args.num_workers})
+    saved = Args(**model["args"])  # the trained model's flags; the evaluation's own (seed, envs) are args'
     make = lambda seeds, num_workers: FootballEnvs(saved.scenario, seeds, num_workers, args.env_timeout)
     envs = make(env_seeds(args.seed, "eval", min(args.eval_episodes, saved.num_envs)), args.num_workers)
     video_envs = make(env_seeds(args.seed, "video", 1), 1) if args.capture_video else None
     actor = Actor(envs.obs_dim + envs.num_agents, envs.n_actions, saved.hidden_dim, saved.recurrent).to(device)
     actor.load_state_dict(model["actor"])
     returns, scores = evaluate(actor, envs, args.eval_episodes, saved.hidden_dim, device)
-    print(
-        f"{args.eval_only}: {saved.scenario}, {len(returns)} greedy episodes, success rate {np.mean(scores > 0):.2f}, "
-        f"return {returns.mean():.2f} +- {returns.std():.2f}"
-    )
-    envs.close()
-    if video_envs is not None:
-        video_path = f"videos/{os.path.basename(args.eval_only)}.gif"
-        if record_video(actor, video_envs, saved.hidden_dim, device, video_path):
-            print("video:", video_path)
-        video_envs.close()
-    sys.exit(0)
+    summary = f"success rate {np.mean(scores > 0):.2f}, return {returns.mean():.2f} +- {returns.std():.2f}"
+    print(f"{args.eval_only}: {saved.scenario}, {len(returns)} greedy episodes, {summary}")
+    envs.close()  # before the video: 60 MB per engine
+    video_path = f"videos/{os.path.basename(args.eval_only)}.gif"
+    if video_envs is not None and record_video(actor, video_envs, saved.hidden_dim, device, video_path):
+        print("video:", video_path)
+    sys.exit(0)  # which closes video_envs (atexit)
 
 
 def make_writer(args, run_name: str, run_dir: str, checkpoint: dict | None) -> SummaryWriter:
@@ -1018,10 +992,9 @@ if __name__ == "__main__":
         mixer = (QMixer(N, state_dim) if args.mixer == "qmix" else VDNMixer()).to(device)
     target_agent_q, target_mixer = copy.deepcopy(agent_q), copy.deepcopy(mixer)  # psi' = psi, omega' = omega
     value_norm = ValueNorm().to(device)  # V's statistics, which Q_tot's targets are normalised by too (q_loss)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=1e-5)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, eps=1e-5)
+    adam = lambda params: torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     q_params = list(agent_q.parameters()) + list(mixer.parameters())
-    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, eps=1e-5)
+    actor_optimizer, critic_optimizer, q_optimizer = adam(actor.parameters()), adam(critic.parameters()), adam(q_params)
     diagnostics_rng = torch.Generator(device=device).manual_seed(args.seed + 2)  # keeps MAPPO's stream untouched
     # what a checkpoint saves and --resume restores, besides the generators
     stateful = {"actor": actor, "critic": critic, "agent_q": agent_q, "mixer": mixer, "value_norm": value_norm}
@@ -1040,7 +1013,6 @@ if __name__ == "__main__":
     values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
 
     # TRY NOT TO MODIFY: start the game
-    env_time, start_time, last_print = 0.0, time.time(), 0.0
     next_obs = torch.as_tensor(envs.reset(), device=device)
     obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
@@ -1049,8 +1021,8 @@ if __name__ == "__main__":
         checkpoint, stateful, diagnostics_rng
     )
     # the env processes ignore SIGTERM and SIGINT: the main process checkpoints, then closes them
-    start_step, preemption = global_step, Preemption()
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    start_step, preemption, checkpoint_path = global_step, Preemption(), os.path.join(run_dir, "checkpoint.pt")
+    env_time, start_time, last_print = 0.0, time.time(), 0.0
 
     for update in range(start_update, args.num_updates + 1):
         nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
@@ -1084,11 +1056,10 @@ if __name__ == "__main__":
             masks[step + 1] = torch.as_tensor(1.0 - dones, device=device)
             episode_returns += team_rewards
             episode_lengths += 1
-            if dones.any():
-                finished_returns += episode_returns[dones].tolist()
-                finished_lengths += episode_lengths[dones].tolist()
-                finished_scores += scores[dones].tolist()
-                episode_returns[dones], episode_lengths[dones] = 0.0, 0
+            finished_returns += episode_returns[dones].tolist()
+            finished_lengths += episode_lengths[dones].tolist()
+            finished_scores += scores[dones].tolist()
+            episode_returns[dones], episode_lengths[dones] = 0.0, 0
 
         # TARGETS: GAE for the actor and V (MAPPO), gated TD(lambda) for Q_tot (Algorithm 1, lines 9-11)
         agent_masks = masks.unsqueeze(-1).expand(T + 1, E, N)  # [T+1, E, N]
@@ -1113,11 +1084,10 @@ if __name__ == "__main__":
 
             # DIAGNOSTICS of the rollout: RVar (Figure 1) and how much of it any Q could remove, Q's fit, the mixer
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
-            probs = rollout_logits.softmax(-1)
             mc_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, 1.0)  # lambda = 1: Monte Carlo
             diagnostics = rollout_diagnostics(
-                raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
-                diagnostics_rng, None, (q_returns, mc_returns)
+                raw_advantages, active, q_values_online, actions, rollout_logits.softmax(-1), avail_actions[:T], state[:T],
+                mixer, value_norm, diagnostics_rng, None, (q_returns, mc_returns)
             )  # fmt: skip
 
         # CHUNKS (Algorithm 1, line 12): masks and avail_actions are padded with 1, so that the GRU stays fused
@@ -1126,17 +1096,13 @@ if __name__ == "__main__":
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
         pad = {"masks": 1.0, "avail_actions": 1.0}
         batch = {name: to_chunks(x, args.chunk_len, pad.get(name, 0.0)) for name, x in rollout.items()}
-        # the hidden states entering each chunk, from the rollout (Algorithm 1, line 20)
-        starts = {
-            name: h[0 : T : args.chunk_len].flatten(0, 1)
-            for name, h in [("actor", actor_hidden), ("critic", critic_hidden), ("q", q_hidden)]
-        }
+        hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
+        starts = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk (line 20)
 
         # OPTIMIZE: actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own Adam (Algorithm 1, line 23)
-        n_chunks = batch["valid"].shape[1]
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
-            for mb_chunks in torch.randperm(n_chunks, device=device).tensor_split(args.num_minibatches):
+            for mb_chunks in torch.randperm(batch["valid"].shape[1], device=device).tensor_split(args.num_minibatches):
                 mb = {name: x[:, mb_chunks] for name, x in batch.items()}
                 mb_masks = mb["masks"].unsqueeze(-1).expand(-1, -1, N)  # [L, B, N]
                 mb_critic_in = critic_input(mb["obs"], mb["state"])
@@ -1151,23 +1117,17 @@ if __name__ == "__main__":
                 if not stats and args.log_grad_var:
                     grad_var = actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, actor, args)
                 value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
-                weights = mb["valid"].unsqueeze(-1) * mb["active_masks"]
-                v_loss = value_loss(
-                    new_values, mb["values"], value_norm.normalize(mb["returns"]), weights, args.clip_coef, args.huber_delta
-                )
+                weights, v_targets = mb["valid"].unsqueeze(-1) * mb["active_masks"], value_norm.normalize(mb["returns"])
+                v_loss = value_loss(new_values, mb["values"], v_targets, weights, args.clip_coef, args.huber_delta)
                 q_tot = mixer(q_values.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1), mb["state"])  # [L, B]
                 q_tot_loss = q_loss(q_tot, mb["q_returns"], mb["valid"], value_norm)
                 losses = {"policy_loss": parts["policy_loss"], "dpg_loss": parts["dpg_loss"], "value_loss": v_loss}
                 stop_if_not_finite({**losses, "q_loss": q_tot_loss}, update)
 
-                for optimizer, module_loss, params in [
-                    (actor_optimizer, loss, actor.parameters()),
-                    (critic_optimizer, v_loss, critic.parameters()),
-                    (q_optimizer, q_tot_loss, q_params),
-                ]:
+                for optimizer, module_loss in [(actor_optimizer, loss), (critic_optimizer, v_loss), (q_optimizer, q_tot_loss)]:
                     optimizer.zero_grad()
                     module_loss.backward()
-                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
                     optimizer.step()
                 soft_update(target_agent_q, agent_q, args.target_tau)  # after every Q step (Algorithm 1, line 25)
                 soft_update(target_mixer, mixer, args.target_tau)
@@ -1211,12 +1171,9 @@ if __name__ == "__main__":
 
         if time.time() - last_print > 10 or update == args.num_updates:
             last_print = time.time()
-            print(
-                f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | "
-                f"return {last_return:.2f} | success {last_success:.2f} | eval success {eval_success:.2f} | "
-                f"rvar {diagnostics['rvar'].item():.3f}",
-                flush=True,
-            )
+            progress = f"update {update}/{args.num_updates} | step {global_step} | SPS {sps} | return {last_return:.2f}"
+            rates = f"success {last_success:.2f} | eval success {eval_success:.2f} | rvar {diagnostics['rvar'].item():.3f}"
+            print(f"{progress} | {rates}", flush=True)
 
         # CHECKPOINT: the whole training state, every --checkpoint-interval updates and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
@@ -1231,10 +1188,8 @@ if __name__ == "__main__":
 
     if preemption.signal_name is None:  # a preempted run is not complete: no summary, no model
         wall = time.time() - start_time
-        print(
-            f"done: {global_step} env steps in {wall:.0f} s, {int((global_step - start_step) / wall)} SPS; "
-            f"env stepping took {env_time / wall:.0%} of the time"
-        )
+        sps = int((global_step - start_step) / wall)
+        print(f"done: {global_step} env steps in {wall:.0f} s, {sps} SPS; env stepping took {env_time / wall:.0%} of the time")
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.pt")
             save_atomically({"args": asdict(args), **{name: stateful[name].state_dict() for name in MODEL_PARTS}}, model_path)
