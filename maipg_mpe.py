@@ -762,8 +762,7 @@ def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, 
 
 
 class JointQ(nn.Module):
-    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action:
-    state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]."""
+    """--joint-q-diagnostic: an unfactorized Q(s, a_1..a_n), an MLP on the state and every agent's one-hot action."""
 
     def __init__(self, state_dim, num_agents, n_actions, hidden_dim):
         super().__init__()
@@ -776,7 +775,7 @@ class JointQ(nn.Module):
             layer_init(nn.Linear(hidden_dim, 1), std=1.0),
         )
 
-    def forward(self, state, actions):
+    def forward(self, state, actions):  # state [*batch, S], actions [*batch, N] -> Q(s, a) [*batch]
         joint_action = F.one_hot(actions, self.n_actions).flatten(-2).to(state.dtype)
         return self.net(torch.cat([state, joint_action], -1)).squeeze(-1)
 
@@ -1074,7 +1073,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     next_obs = torch.as_tensor(envs.reset(), device=device)
     obs[0], state[0], masks[0] = next_obs, next_obs.reshape(E, state_dim), 0.0
-    # --resume: everything as it was at the end of the checkpoint's update
+    # a new run's start, or on --resume everything as it was at the end of the checkpoint's update
     global_step, start_update, last_return, eval_return, episode_returns, episode_lengths = restore_checkpoint(
         checkpoint, stateful, generators, envs, eval_envs, carried
     )
