@@ -439,15 +439,14 @@ ACADEMY_SCENARIOS = {
 }  # fmt: skip
 GRF_OBS_DIM, GRF_N_ACTIONS = 115, 19  # simple115v2 features; gfootball's default action set
 INSTALL_GRF = "run `bash scripts/install_grf.sh` (it compiles gfootball 2.10.2 and its engine, about 5 minutes)"
-RENDER_RESOLUTION = (480, 270)  # video frames; the engine's 1280 x 720 renders at under 2 frames/s without a GPU
+RENDER_RESOLUTION = {"render_resolution_x": 480, "render_resolution_y": 270}  # not 1280 x 720: < 2 frames/s without a GPU
 
 
 def make_football_env(scenario: str, seed: int):
     """One gfootball env as the paper uses it: simple115v2 observations, dense rewards (scoring + checkpoints)."""
     import gfootball.env as football_env
 
-    width, height = RENDER_RESOLUTION
-    config = {"game_engine_random_seed": seed, "render_resolution_x": width, "render_resolution_y": height}
+    config = {"game_engine_random_seed": seed, **RENDER_RESOLUTION}
     return football_env.create_environment(
         env_name=scenario, representation="simple115v2", rewards="scoring,checkpoints",
         number_of_left_players_agent_controls=ACADEMY_SCENARIOS[scenario], other_config_options=config,
@@ -533,7 +532,7 @@ class FootballEnvs:
         atexit.register(self.close)
 
     def ask(self, command: str, data: list) -> list:
-        """Sends worker w (command, data[w]), for the first len(data) workers -> their answers, each awaited timeout s."""
+        """(command, data[w]) to worker w, for the first len(data) workers -> their answers, each awaited at most timeout s."""
         for worker, worker_data in enumerate(data):
             try:
                 self.pipes[worker].send((command, worker_data))
@@ -563,9 +562,8 @@ class FootballEnvs:
         return np.concatenate(self.ask("reset", [None if seeds is None else [seeds[i] for i in ids] for ids in self.env_ids]))
 
     def step(self, actions: np.ndarray, stepping: np.ndarray | None = None) -> tuple:
-        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (the goal difference of an episode
-        that ended: +1 the left team scored, -1 it conceded; 0 where none ended). With stepping [E] (bool), only those
-        envs step; the others wait, returning zeros."""
+        """actions [E, N] -> obs [E, N, 115], rewards [E, N], dones [E], scores [E] (an ended episode's goal difference: +1
+        the left team scored, -1 it conceded; 0 where none ended). stepping [E] (bool): only those envs step (others: 0s)."""
         stepping = np.ones(self.num_envs, dtype=bool) if stepping is None else stepping
         answers = self.ask("step", [(actions[ids], stepping[ids]) for ids in self.env_ids])
         return tuple(np.concatenate(parts) for parts in zip(*answers, strict=True))
@@ -600,9 +598,8 @@ def make_envs(args, resumed_after: int | None):
 @torch.no_grad()
 def evaluate(actor, envs, num_episodes, hidden_dim, device, frames=None, seeds=None):
     """num_episodes greedy episodes (argmax, fresh hidden states), each env its share, to their end -> team returns,
-    scores [num_episodes] (+1: the left team scored). An env whose share is done waits for the others (the engine is
-    the cost). seeds: the envs' streams of engine seeds start anew from them. With a list as frames, appends env 0's
-    frames until its share ends."""
+    scores [num_episodes] (+1: the left team scored); an env whose share is done waits. seeds: the envs' streams of
+    engine seeds start anew from them. frames (a list): gets env 0's frames until its share ends."""
     E, N = envs.num_envs, envs.num_agents
     # a fixed share per env, not the first episodes to finish: those would over-count the short ones
     left = np.array([len(share) for share in np.array_split(np.arange(num_episodes), E)])
@@ -655,8 +652,7 @@ def correlation(x, y, weights):
 
 
 def explained_variance(predictions, targets, weights):
-    """1 - Var(targets - predictions) / Var(targets) over the weighted entries: 1 predicts them exactly, 0 no better
-    than their mean."""
+    """1 - Var(targets - predictions) / Var(targets) over the weighted entries (1: exact, 0: no better than their mean)."""
     return 1 - weighted_var(targets - predictions, weights) / weighted_var(targets, weights).clamp(min=1e-8)
 
 
@@ -798,8 +794,7 @@ def resumed_seeds(seeds: list[int], update: int | None) -> list[int]:
 
 
 MODEL_PARTS = ("actor", "critic", "agent_q", "mixer", "value_norm")  # what --save-model writes, with the args
-# save_model is an output, not a setting of the run; num_workers and env_timeout are operational: each env's engine
-# seeds do not depend on the env process it runs in
+# save_model is an output, not a setting of the run; num_workers and env_timeout do not change any env's engine seeds
 RESUME_FLAGS = ("total_timesteps", "eval_interval", "checkpoint_interval", "track", "cuda", "torch_threads", "save_model")
 RESUME_FLAGS += ("num_workers", "env_timeout")
 
