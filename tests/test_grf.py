@@ -367,7 +367,7 @@ def test_render_gives_frames_and_a_failure_is_one_line(capsys, tmp_path, gfootba
     class CannotRender:  # stands in for an engine without OpenGL: its render() fails as FootballEnvs.render does
         num_envs, num_agents, n_actions = 1, 1, 19
 
-        def reset(self):
+        def reset(self, seeds=None):
             return np.zeros((1, 1, 115), dtype=np.float32)
 
         def render(self):
