@@ -349,6 +349,8 @@ def summarize(a_joint, a_own, alive, clusters, rng, n_boot):
         "within_var_joint": mean_over_alive(within),
         "finite_M_correction_joint": mean_over_alive(within / M),
     }
+    # Var(A) = E Var(A | s, a) + E Var_a E[A | s, a] + Var_s E[A | s]: the last part is V's error (no Q removes it)
+    result["state_level_fraction"] = 1.0 - (result["between_var_joint"] + result["within_var_joint"]) / result["var_A"]
     # one control variate shared by the agents (a single Q_tot(s, a), as the scripts use): the best is the mean of
     # the agents' C_i, and it removes n_alive * Var_a(mean_i E[A_i | s, a]) of the sum of their variances
     shared = (a_joint * alive[:, :, None, None]).sum(1) / alive.sum(1)[:, None, None]  # [S, K, M]
