@@ -10,9 +10,8 @@ straight-through Gumbel-Softmax sample over the available actions). nu = 0 is ex
     python maipg_smac.py --map 3m --env-backend smax     # SMAX: SMAC re-implemented in JAX, no game needed
 
 Backends: `sc2` is SMAC (`pip install git+https://github.com/oxwhirl/smac.git`, StarCraft II 4.10 in $SC2PATH, the maps
-in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0` (win rates not comparable to SMAC's); `auto` takes sc2
-when the game and the map are found, else smax. Flags left unset take the map's preset (Table 3 by difficulty, MAPPO's
-per-map scripts where the paper is silent); a flag given on the command line beats the preset.
+in $SC2PATH/Maps/SMAC_Maps); `smax` is `pip install jaxmarl==0.2.0` (win rates not comparable to SMAC's). Flags left
+unset take the map's preset (Table 3 by difficulty, MAPPO's per-map scripts where the paper is silent).
 """
 
 import atexit
@@ -785,8 +784,7 @@ def actor_grad_variance(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Plumbing: argument checks, per-map presets, seeds, checkpoints, --resume and preemption (SIGTERM from Slurm, SIGINT
-# from Ctrl-C), and the blocks of __main__ that are not the algorithm
+# Plumbing: argument checks, per-map presets, seeds, checkpoints, --resume, preemption (Slurm's SIGTERM, Ctrl-C's SIGINT)
 # ---------------------------------------------------------------------------------------------------------------------
 def fail(message: str) -> None:
     """Bad input gets one line naming the flag and what it accepts, and exit status 2."""
@@ -1101,9 +1099,7 @@ if __name__ == "__main__":
     actor_hidden, critic_hidden, q_hidden = (torch.zeros(T + 1, E, N, H, device=device) for _ in range(3))  # entering t
     actions = torch.zeros(T, E, N, dtype=torch.long, device=device)
     logprobs, rollout_logits = torch.zeros(T, E, N, device=device), torch.zeros(T, E, N, A, device=device)
-    rewards = torch.zeros(T, E, device=device)  # the team reward (SMAC gives one; SMAX gives it to every ally)
-    values = torch.zeros(T + 1, E, N, device=device)  # V in normalised units
-    # slot T of these becomes slot 0 of the next rollout: episodes continue across updates
+    rewards, values = torch.zeros(T, E, device=device), torch.zeros(T + 1, E, N, device=device)  # team rewards, V normalised
     carried = {"obs": obs, "state": state, "avail_actions": avail_actions, "masks": masks, "active_masks": active_masks}
     carried |= {"actor_hidden": actor_hidden, "critic_hidden": critic_hidden, "q_hidden": q_hidden}
 
@@ -1193,9 +1189,8 @@ if __name__ == "__main__":
                 generators["diagnostics"], None, (q_returns, mc_returns)
             )  # fmt: skip
 
-        # CHUNKS (Algorithm 1, line 12): the rollout in chunks of --chunk-len steps of all agents of one env, which start
-        # from the hidden states stored in the rollout (line 20). Padding has valid = 0; masks are padded with 1 so that
-        # the GRU stays fused.
+        # CHUNKS (Algorithm 1, line 12): --chunk-len steps of all agents of one env, from the hidden states stored in the
+        # rollout (line 20). Padding has valid = 0; masks are padded with 1 so that the GRU stays fused.
         rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
         rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
@@ -1204,8 +1199,7 @@ if __name__ == "__main__":
         hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
         start_hidden = {name: h[0 : T : args.chunk_len].flatten(0, 1) for name, h in hidden.items()}  # entering each chunk
 
-        # OPTIMIZE (Algorithm 1, line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own
-        # Adam, per minibatch of chunks
+        # OPTIMIZE (line 23): actor (eq. (10)), V (MAPPO) and Q + mixer (TD(lambda)), each with its own Adam, per minibatch
         n_chunks = -(-T // args.chunk_len) * E
         stats, grad_var, dpg_grad_ratio = {}, None, torch.zeros(())
         for _epoch in range(args.update_epochs):
