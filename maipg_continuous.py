@@ -312,11 +312,6 @@ def weighted_var(x, weights):
     return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
 
 
-def weighted_cov(x, y, weights):
-    """Covariance of x and y over the entries where weights (0/1) is 1."""
-    return weighted_mean((x - weighted_mean(x, weights)) * (y - weighted_mean(y, weights)), weights)
-
-
 def gae(rewards, values, masks, gamma, gae_lambda):
     """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
     (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
@@ -578,7 +573,8 @@ def rvar(advantages, control_variate, weights):
 
 def correlation(x, y, weights):
     """The weighted Pearson correlation of x and y: 1 - corr(A, C)^2 is the lowest RVar any rescaling eta * C reaches."""
-    return weighted_cov(x, y, weights) / (weighted_var(x, weights) * weighted_var(y, weights)).sqrt().clamp(min=1e-8)
+    covariance = weighted_mean((x - weighted_mean(x, weights)) * (y - weighted_mean(y, weights)), weights)
+    return covariance / (weighted_var(x, weights) * weighted_var(y, weights)).sqrt().clamp(min=1e-8)
 
 
 def explained_variance(predictions, targets, weights):

@@ -91,8 +91,6 @@ class Args:
     """raw: L_dpg in reward units (App. D; a small nu compensates); advantage: L_dpg / the raw advantages' std (eq. (10))"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises from 0 to --nu, so that Q_hat fits first; unset: --total-timesteps / 5; 0: none"""
-    q_control_variate: bool = False
-    """if toggled, L_clip's advantages use agent i's Q_tot as their control variate, its gradient added back (eq. (12))"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -291,11 +289,6 @@ def weighted_var(x, weights):
     return weighted_mean((x - weighted_mean(x, weights)) ** 2, weights)
 
 
-def weighted_cov(x, y, weights):
-    """Covariance of x and y over the entries where weights (0/1) is 1."""
-    return weighted_mean((x - weighted_mean(x, weights)) * (y - weighted_mean(y, weights)), weights)
-
-
 def gae(rewards, values, masks, gamma, gae_lambda):
     """GAE in raw reward units. rewards [T, E] (team), values [T+1, E, N] (denormalised), masks [T+1, E]
     (masks[t+1] = 0: the episode ended at step t) -> advantages [T, E, N]."""
@@ -326,38 +319,6 @@ def normalize_advantages(raw_advantages, weights):
     advantages' std (+ 1e-5), which --dpg-scale advantage divides L_dpg by so that both terms of eq. (10) share units."""
     std = weighted_var(raw_advantages, weights).sqrt() + 1e-5
     return (raw_advantages - weighted_mean(raw_advantages, weights)) / std, std
-
-
-def own_action_q_tot(q_values, actions, probs, state, mixer, value_norm):
-    """Q_tot with agent i's action replaced by each of its actions a_i', the other agents' taken actions kept, and eq.
-    (12)'s control variate for agent i's likelihood-ratio term, C_i(s, a) = Q_tot(s, a) - sum_a' pi(a' | o_i) Q_tot(s,
-    a', a_-i), exact over its actions. q_values, probs [T, E, N, A], actions [T, E, N], state [T, E, S] -> (Q_tot(s, a_i',
-    a_-i) [T, E, N (agent i), A (a_i')], C_i [T, E, N]), both in reward units."""
-    num_agents = q_values.shape[-2]
-    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [T, E, N]
-    own = torch.eye(num_agents, dtype=torch.bool, device=q_values.device)[:, None, :]
-    q_swapped = torch.where(own, q_values.unsqueeze(-1), q_taken[:, :, None, None, :])  # [T, E, N (i), A (a_i'), N]
-    q_tot_swapped = mixer(q_swapped, state[:, :, None, None, :])  # [T, E, N, A]; the mixer broadcasts the state
-    q_tot_taken = value_norm.denormalize(mixer(q_taken, state))  # [T, E]
-    own_control = q_tot_taken.unsqueeze(-1) - value_norm.denormalize((probs * q_tot_swapped).sum(-1))
-    return value_norm.denormalize(q_tot_swapped), own_control
-
-
-def control_variate_terms(advantages, adv_std, own_control, q_tot_own, probs, eta):
-    """Eq. (12) with agent i's C_i as the control variate of its likelihood-ratio term, scaled by eta in [0, 1] (Q-Prop's
-    adaptive scale): L_clip gets the advantages minus eta * C_i, and the actor loss adds back the gradient that removes
-    in expectation under pi_old, that of eta * sum_a pi_theta(a | o_i) Q_tot(s, a, a_-i): at ratio 1 the gradient is
-    MAPPO's in expectation, with less variance where C_i correlates with A_i. advantages [T, E, N] (normalised), adv_std
-    their raw std, own_control [T, E, N], q_tot_own and probs (pi_old) [T, E, N, A] -> (advantages, cv_q [T, E, N, A]:
-    eta * Q_tot(s, a, a_-i) centred on its mean under pi_old, in the advantages' units)."""
-    q_tot_centred = q_tot_own - (probs * q_tot_own).sum(-1, keepdim=True)
-    return advantages - eta * own_control / adv_std, eta * q_tot_centred / adv_std
-
-
-def control_variate_scale(raw_advantages, own_control, weights):
-    """eta = Cov(A, C) / Var(C), clamped to [0, 1]: the scale of C that minimises Var(A - eta * C)."""
-    covariance = weighted_cov(raw_advantages, own_control, weights)
-    return (covariance / weighted_var(own_control, weights).clamp(min=1e-8)).clamp(0.0, 1.0)
 
 
 def gumbel_straight_through(logits, tau=1.0):
@@ -412,9 +373,6 @@ def actor_loss(logits, mb, q_values, mixer, value_norm, nu, dpg_scale, args):
     logprobs = dist.log_prob(mb["actions"])
     pg_loss, approx_kl, clipfrac = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], weights, args.clip_coef)
     entropy = weighted_mean(dist.entropy(), weights)
-    if "cv_q" in mb:  # eq. (12)'s analytic term (control_variate_terms), where the ratio is inside PPO's clip range
-        in_clip_range = ((logprobs - mb["logprobs"]).exp() - 1).abs() <= args.clip_coef
-        pg_loss = pg_loss - weighted_mean((dist.probs * mb["cv_q"]).sum(-1) * in_clip_range, weights)
     dpg = torch.zeros(())
     if nu > 0:  # nu = 0 skips mu entirely (no Gumbel draw), so the run is MAPPO's, random number for random number
         mu = gumbel_straight_through(logits)  # [L, B, N, A], section 3.2's reparameterised mu
@@ -738,7 +696,8 @@ def rvar(advantages, control_variate, weights):
 
 def correlation(x, y, weights):
     """The weighted Pearson correlation of x and y: 1 - corr(A, C)^2 is the lowest RVar any rescaling eta * C reaches."""
-    return weighted_cov(x, y, weights) / (weighted_var(x, weights) * weighted_var(y, weights)).sqrt().clamp(min=1e-8)
+    covariance = weighted_mean((x - weighted_mean(x, weights)) * (y - weighted_mean(y, weights)), weights)
+    return covariance / (weighted_var(x, weights) * weighted_var(y, weights)).sqrt().clamp(min=1e-8)
 
 
 def explained_variance(predictions, targets, weights):
@@ -762,15 +721,14 @@ def grad_norm_ratio(numerator, denominator, params):
 
 
 def rollout_diagnostics(
-    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, q_targets,
-    own_control, k=8
-):  # fmt: skip
+    raw_advantages, weights, q_values, actions, probs, avail_actions, state, mixer, value_norm, rng, joint_q, q_targets, k=8
+):
     """The per-update diagnostics of the rollout, before the update trains on it ([T, E, N] weights; q_values, pi's
     probs, avail_actions [T, E, N, A]; q_targets: Q_tot's TD(lambda) and Monte Carlo targets, each [T, E]):
     rvar: Var(A - C) / Var(A) with C(s, a) = Q_tot(s, a) - mean_k Q_tot(s, a^k), a^k ~ pi (section 4.1, Figure 1);
     cv_corr: corr(A, C), so 1 - cv_corr^2 is the lowest RVar any rescaling of C reaches; rvar_own: the RVar of agent i's
-    part own_control, C_i [T, E, N] of own_action_q_tot (what agent i's likelihood-ratio term can use, eq. (12));
-    q_explained_variance(_mc): Q_tot(s, a)'s explained variance of its
+    part C_i = Q_tot(s, a) - E_{a_i' ~ pi_i} Q_tot(s, a_i', a_-i), the expectation exact over its actions (what agent
+    i's likelihood-ratio term can use, eq. (12)); q_explained_variance(_mc): Q_tot(s, a)'s explained variance of its
     TD(lambda) (Monte Carlo) targets; rvar_joint: rvar's C from the unfactorized joint Q; mixer_slope: median
     dQ_tot/dQ_i at the taken actions (near 0 the mixer is saturated and L_dpg does nothing); q_gap: median over agents
     of Q_tot's action gap in reward units, slope * (max_a Q_i - min_a Q_i) over available actions (first order: exact
@@ -784,6 +742,11 @@ def rollout_diagnostics(
     sampled = torch.multinomial(probs.reshape(-1, A), k, replacement=True, generator=rng).T.reshape(k, T, E, N)
     q_sampled = q_values.expand(k, T, E, N, A).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     control_variate = q_tot_taken - value_norm.denormalize(mixer(q_sampled, state.expand(k, *state.shape))).mean(0)
+    # agent i's action replaced by each of its actions a_i', the others' kept: [T, E, N (agent i), A (a_i'), N]
+    own = torch.eye(N, dtype=torch.bool, device=q_values.device)[:, None, :]
+    q_swapped = torch.where(own, q_values.unsqueeze(-1), q_taken.detach()[:, :, None, None, :])
+    q_tot_swapped = mixer(q_swapped, state[:, :, None, None, :])  # [T, E, N, A]; the mixer broadcasts the state
+    own_control = q_tot_taken.unsqueeze(-1) - value_norm.denormalize((probs * q_tot_swapped).sum(-1))  # [T, E, N]
     unavailable = avail_actions == 0
     q_range = q_values.masked_fill(unavailable, -torch.inf).amax(-1) - q_values.masked_fill(unavailable, torch.inf).amin(-1)
     q_scale = value_norm.mean_var()[1].sqrt()  # d raw Q_tot / d normalised Q_tot
@@ -1157,7 +1120,6 @@ if __name__ == "__main__":
         (last_return, last_win_rate, eval_win_rate), (episode_returns, episode_lengths) = restore_checkpoint(
             checkpoint, stateful, generators, envs, eval_envs, carried, (episode_returns, episode_lengths)
         )
-    cv_eta = checkpoint["cv_eta"] if checkpoint else torch.zeros((), device=device)  # --q-control-variate's eta
     start_step, preemption, checkpoint_path = global_step, Preemption(), os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
@@ -1220,24 +1182,18 @@ if __name__ == "__main__":
 
             # DIAGNOSTICS of the rollout: RVar (Figure 1) and how much of it any Q could remove, Q's fit, the mixer
             q_values_online = agent_q(critic_in[:T], q_hidden[0], agent_masks[:T])[0]  # [T, E, N, A]
+            probs = rollout_logits.softmax(-1)
             mc_returns = td_lambda_targets(rewards, q_tot_target, masks, args.gamma, 1.0)  # lambda = 1: Monte Carlo
-            probs = rollout_logits.softmax(-1)  # pi_old [T, E, N, A]
-            q_tot_own, own_control = own_action_q_tot(q_values_online, actions, probs, state[:T], mixer, value_norm)
             diagnostics = rollout_diagnostics(
                 raw_advantages, active, q_values_online, actions, probs, avail_actions[:T], state[:T], mixer, value_norm,
-                generators["diagnostics"], None, (q_returns, mc_returns), own_control
+                generators["diagnostics"], None, (q_returns, mc_returns)
             )  # fmt: skip
-            if args.q_control_variate:  # eq. (12); eta was fitted on the previous rollout (0 before the first)
-                advantages, cv_q = control_variate_terms(advantages, adv_std, own_control, q_tot_own, probs, cv_eta)
-                diagnostics |= {"cv_eta": cv_eta, "rvar_cv": rvar(raw_advantages, cv_eta * own_control, active)}
-                cv_eta = control_variate_scale(raw_advantages, own_control, active)  # for the next update
 
         # CHUNKS (Algorithm 1, line 12): --chunk-len steps of all agents of one env, from the hidden states stored in the
         # rollout (line 20). Padding has valid = 0; masks are padded with 1 so that the GRU stays fused.
         rollout = {"obs": obs[:T], "state": state[:T], "avail_actions": avail_actions[:T], "masks": masks[:T]}
         rollout |= {"active_masks": active, "actions": actions, "logprobs": logprobs, "advantages": advantages}
         rollout |= {"returns": returns, "values": values[:T], "q_returns": q_returns, "valid": torch.ones(T, E, device=device)}
-        rollout |= {"cv_q": cv_q} if args.q_control_variate else {}
         pad_values = {"masks": 1.0, "avail_actions": 1.0}
         batch = {name: to_chunks(x, args.chunk_len, pad_values.get(name, 0.0)) for name, x in rollout.items()}
         hidden = {"actor": actor_hidden, "critic": critic_hidden, "q": q_hidden}
@@ -1325,7 +1281,7 @@ if __name__ == "__main__":
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
             run = {"backend": backend, "presets": presets, "run_name": run_name, "update": update, "global_step": global_step}
             run |= {"progress": (last_return, last_win_rate, eval_win_rate)}
-            run |= {"episode_returns": episode_returns, "episode_lengths": episode_lengths, "cv_eta": cv_eta}
+            run |= {"episode_returns": episode_returns, "episode_lengths": episode_lengths}
             save_checkpoint(checkpoint_path, args, run, stateful, generators, envs, eval_envs, carried)
             if preemption.signal_name:
                 print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")

@@ -549,23 +549,22 @@ def test_a_resumed_run_continues_with_the_restored_training_state(tmp_path):
     episodes start afresh. The stand-in envs repeat 4 episodes, so a fresh env continues exactly as the running one
     would: the final model and every logged scalar, step for step (update 3's points of the first process purged),
     equal those of the same 4 updates run uninterrupted. That fails if any network, target copy, optimiser, ValueNorm
-    or generator (the diagnostics one included: rvar) is not restored, or --q-control-variate's eta."""
-    resumable = [*RESUMABLE, "--q-control-variate"]
+    or generator (the diagnostics one included: rvar) is not restored."""
     alone, resumed = tmp_path / "alone", tmp_path / "resumed"
-    run([*resumable, "--total-timesteps", str(4 * STUB_UPDATE_STEPS)], alone, env=stub_gfootball(alone, STUB_REPEAT="1"))
+    run([*RESUMABLE, "--total-timesteps", str(4 * STUB_UPDATE_STEPS)], alone, env=stub_gfootball(alone, STUB_REPEAT="1"))
     env = stub_gfootball(resumed, STUB_REPEAT="1")
-    run([*resumable, "--total-timesteps", str(3 * STUB_UPDATE_STEPS), "--checkpoint-interval", "2"], resumed, env=env)
+    run([*RESUMABLE, "--total-timesteps", str(3 * STUB_UPDATE_STEPS), "--checkpoint-interval", "2"], resumed, env=env)
     (checkpoint_path,) = glob.glob(os.path.join(resumed, "runs", "*", "checkpoint.pt"))
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert checkpoint["update"] == 2 and checkpoint["global_step"] == 2 * STUB_UPDATE_STEPS
     stateful = ["target_agent_q", "target_mixer", "actor_optimizer", "critic_optimizer", "q_optimizer"]
     assert set(maipg_grf.MODEL_PARTS + ("rng", "last_success", "eval_success", *stateful)) <= set(checkpoint)
 
-    result = run([*resumable, "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--resume", checkpoint_path], resumed, env=env)
+    result = run([*RESUMABLE, "--total-timesteps", str(2 * STUB_UPDATE_STEPS), "--resume", checkpoint_path], resumed, env=env)
     assert "update " not in result.stdout and f"done: {2 * STUB_UPDATE_STEPS} env steps" in result.stdout
     assert_same_tensors(checkpoint, saved_model(resumed), maipg_grf.MODEL_PARTS)
 
-    flags = [*resumable, "--total-timesteps", str(4 * STUB_UPDATE_STEPS), "--num-workers", "1"]
+    flags = [*RESUMABLE, "--total-timesteps", str(4 * STUB_UPDATE_STEPS), "--num-workers", "1"]
     result = run([*flags, "--resume", os.path.dirname(checkpoint_path)], resumed, env=env)
     assert result.stdout.splitlines()[0] == (
         "--resume: gfootball's engines cannot be saved, so the episodes start afresh (with engine seeds of their own)"

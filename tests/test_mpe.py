@@ -314,7 +314,6 @@ def test_learning_improves_the_greedy_return(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 RESUMABLE = ["--num-agents", "3", "--num-envs", "8", "--update-epochs", "2", "--eval-interval", "2", "--eval-episodes", "2"]
 RESUMABLE += ["--joint-q-diagnostic", "--save-model", "--checkpoint-interval", "3", "--total-timesteps", "2400"]
-RESUMABLE += ["--q-control-variate"]  # its eta, fitted on the previous rollout, is in the checkpoint too
 
 
 def run_state(cwd):

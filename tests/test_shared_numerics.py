@@ -25,7 +25,6 @@ SHARED = [
     "ValueNorm",
     "weighted_mean",
     "weighted_var",
-    "weighted_cov",
     "gae",
     "td_lambda_targets",
     "ppo_loss",
@@ -49,8 +48,7 @@ SHARED = [
     "nu_at",
     "grad_norm_ratio",
 ]
-DISCRETE = ["gumbel_straight_through", "dpg_loss", "actor_loss", "rollout_diagnostics", "own_action_q_tot"]
-DISCRETE += ["control_variate_terms", "control_variate_scale"]
+DISCRETE = ["gumbel_straight_through", "dpg_loss", "actor_loss", "rollout_diagnostics"]
 # the continuous script has a function of the same name with Gaussian arguments: these are compared among the others
 DISCRETE_ONLY = ["actor_grad_variance"]
 DISCRETE_SCRIPTS = [name for name in SCRIPTS if name != "maipg_continuous"]
@@ -346,82 +344,16 @@ def test_rollout_diagnostics_split_the_control_variate_and_score_q_on_a_vdn_toy(
     noise = torch.randn(T, E)
     inputs = (q_values, actions, probs, torch.ones(T, E, N, A), torch.zeros(T, E, 1), discrete_script.VDNMixer())
     rng, targets = torch.Generator().manual_seed(0), (q_tot, q_tot + noise)
-    _, own_control = discrete_script.own_action_q_tot(q_values, actions, probs, inputs[4], inputs[5], IDENTITY_NORM)
-    torch.testing.assert_close(own_control, own)
-    inputs += (IDENTITY_NORM, rng, None, targets)
-    stats = discrete_script.rollout_diagnostics(3 * control + 1, ones, *inputs, own_control)
+    stats = discrete_script.rollout_diagnostics(3 * control + 1, ones, *inputs, IDENTITY_NORM, rng, None, targets)
     torch.testing.assert_close(stats["cv_corr"], torch.tensor(1.0))
     torch.testing.assert_close(stats["rvar"], torch.tensor(4 / 9))
     torch.testing.assert_close(stats["q_explained_variance"], torch.tensor(1.0))
     expected_mc = 1 - noise.var(unbiased=False) / (q_tot + noise).var(unbiased=False)
     torch.testing.assert_close(stats["q_explained_variance_mc"], expected_mc)
-    stats = discrete_script.rollout_diagnostics(own, ones, *inputs, own_control)
+    stats = discrete_script.rollout_diagnostics(own, ones, *inputs, IDENTITY_NORM, rng, None, targets)
     torch.testing.assert_close(stats["rvar_own"], torch.tensor(0.0))
     # against A = C_i, the joint C = sum_j C_j adds the other agents' parts: RVar Var(C - C_i) / Var(C_i), near N - 1 here
     torch.testing.assert_close(stats["rvar"], (control - own).var(unbiased=False) / own.var(unbiased=False))
-
-
-def test_own_action_q_tot_swaps_one_agent_at_a_time_through_the_mixer(discrete_script):
-    """Q_tot(s, a_i', a_-i) from a QMIX mixer equals the mixer on the taken actions with agent i's replaced by a_i', and
-    C_i is Q_tot(s, a) minus its mean under pi_i (a ValueNorm at mean 2, std 3: both in reward units)."""
-    T, E, N, A, S = 2, 3, 3, 4, 5
-    torch.manual_seed(0)
-    q_values, actions, state = torch.randn(T, E, N, A), torch.randint(0, A, (T, E, N)), torch.randn(T, E, S)
-    probs, mixer = torch.randn(T, E, N, A).softmax(-1), discrete_script.QMixer(N, S)
-    norm = types.SimpleNamespace(denormalize=lambda x: 3 * x + 2)
-    q_tot_own, own_control = discrete_script.own_action_q_tot(q_values, actions, probs, state, mixer, norm)
-    q_taken = q_values.gather(-1, actions[..., None])[..., 0]
-    for i in range(N):
-        for a in range(A):
-            swapped = q_taken.clone()
-            swapped[..., i] = q_values[..., i, a]
-            torch.testing.assert_close(q_tot_own[..., i, a], 3 * mixer(swapped, state) + 2)
-    expected = (3 * mixer(q_taken, state) + 2)[..., None] - (probs * q_tot_own).sum(-1)
-    torch.testing.assert_close(own_control, expected)
-
-
-def test_the_control_variate_leaves_the_expected_gradient_at_ratio_1(discrete_script):
-    """Eq. (12) is unbiased: over every joint action of two agents, weighted by its probability under pi_old = pi_theta,
-    the actor gradient with advantages A - eta * C_i and the analytic term equals MAPPO's with advantages A, exactly;
-    without the analytic term it does not."""
-    N, A, S, eta = 2, 3, 4, torch.tensor(0.7)
-    torch.manual_seed(1)
-    logits = torch.randn(N, A, requires_grad=True)
-    joint = torch.cartesian_prod(*[torch.arange(A)] * N)  # [A^N, N]: every joint action
-    probs = logits.softmax(-1).detach()
-    weight = probs[torch.arange(N), joint].prod(-1)  # pi(a) [A^N]
-    # one state: the same Q_i and state for every joint action
-    q_values, state = torch.randn(1, 1, N, A).expand(1, A**N, N, A), torch.randn(1, 1, S).expand(1, A**N, S)
-    mixer = discrete_script.QMixer(N, S)
-    batch_probs = probs.expand(1, A**N, N, A)
-    q_tot_own, own_control = discrete_script.own_action_q_tot(q_values, joint[None], batch_probs, state, mixer, IDENTITY_NORM)
-    advantages, adv_std = torch.randn(1, A**N, N), torch.tensor(1.3)
-    cv_advantages, cv_q = discrete_script.control_variate_terms(
-        advantages, adv_std, own_control.detach(), q_tot_own.detach(), batch_probs, eta
-    )
-    logprobs = torch.distributions.Categorical(logits=logits).log_prob(joint).detach()[None]  # [1, A^N, N]
-    mb = {"valid": weight[None], "active_masks": torch.ones(1, A**N, N), "actions": joint[None], "logprobs": logprobs}
-    args = types.SimpleNamespace(clip_coef=0.2, ent_coef=0.0)
-
-    def gradient(batch):
-        batch_logits = logits.expand(1, A**N, N, A)
-        loss, _ = discrete_script.actor_loss(batch_logits, batch, q_values, mixer, IDENTITY_NORM, 0.0, 1.0, args)
-        return torch.autograd.grad(loss, logits)[0]
-
-    mappo = gradient({**mb, "advantages": advantages})
-    torch.testing.assert_close(gradient({**mb, "advantages": cv_advantages, "cv_q": cv_q}), mappo)
-    assert not torch.allclose(gradient({**mb, "advantages": cv_advantages}), mappo, atol=1e-3)
-
-
-def test_control_variate_scale_is_the_regression_slope_clamped_to_0_1(discrete_script):
-    torch.manual_seed(2)
-    control, noise, weights = torch.randn(4000), torch.randn(4000), torch.ones(4000)
-    scale = discrete_script.control_variate_scale
-    torch.testing.assert_close(scale(0.5 * control + 0.1 * noise, control, weights), torch.tensor(0.5), atol=0.01, rtol=0)
-    assert scale(-control, control, weights) == 0.0 and scale(3 * control, control, weights) == 1.0
-    masked = torch.cat([torch.ones(2000), torch.zeros(2000)])  # entries with weight 0 do not count
-    advantages = torch.cat([0.5 * control[:2000], 100 * control[2000:]])
-    torch.testing.assert_close(scale(advantages, control, masked), torch.tensor(0.5))
 
 
 def test_dpg_loss_reaches_only_the_actor():
