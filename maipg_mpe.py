@@ -467,12 +467,12 @@ class NumpyMPE:
 
     WORLD = ("pos", "vel", "landmarks", "targets", "steps")  # the arrays that, with the generators, make the state
 
-    def __init__(self, task: str, num_agents: int, seeds: list[int], continuous_actions: bool = False):
+    def __init__(self, task: str, num_agents: int, seeds: list[int]):
         E, N = len(seeds), num_agents
-        self.task, self.num_envs, self.num_agents, self.continuous_actions = task, E, N, continuous_actions
+        self.task, self.num_envs, self.num_agents = task, E, N
         _, self.agent_size, self.local_ratio = MPE_TASKS[task]
-        self.n_actions = self.action_dim = 5  # Discrete(5) / Box(0, 1, (5,)): no-op, left, right, down, up
-        self.max_cycles, self.num_landmarks = MPE_MAX_CYCLES, {"spread": N, "line": 2, "formation": 1}[task]
+        self.n_actions = 5  # Discrete(5): no-op, left, right, down, up
+        self.num_landmarks = {"spread": N, "line": 2, "formation": 1}[task]
         # obs = [own vel, own pos, landmark positions, (spread:) other agents' positions and their (silent, zero) comms]
         self.obs_dim = 4 + 2 * self.num_landmarks + (4 * (N - 1) if task == "spread" else 0)
         self.rngs = [np.random.default_rng(seed) for seed in seeds]
@@ -556,12 +556,7 @@ class NumpyMPE:
             setattr(self, name, state[name].copy())
 
     def step(self, actions) -> tuple:
-        # SimpleEnv._set_action: the agents' pushes [E, N, 2]
-        if self.continuous_actions:
-            actions = np.clip(np.asarray(actions, dtype=np.float32), 0.0, 1.0)  # mpe2's ClipOutOfBoundsWrapper
-            push = (actions[..., [2, 4]] - actions[..., [1, 3]]).astype(np.float64)  # (right - left, up - down)
-        else:
-            push = MPE_ACTION_DIRECTIONS[actions]
+        push = MPE_ACTION_DIRECTIONS[actions]  # SimpleEnv._set_action: the agents' pushes [E, N, 2]
         # World.apply_environment_force: soft contact force between each pair of agents, contact[:, i, j] acts on i
         delta = self.pos[:, :, None] - self.pos[:, None]  # [E, N, N, 2]
         dist = xy_norm(delta)  # [E, N, N]
@@ -576,7 +571,7 @@ class NumpyMPE:
         rewards = self._rewards().astype(np.float32)
         # time limit: finished envs start their next episode now (same-step auto-reset)
         self.steps += 1
-        dones = self.steps >= self.max_cycles
+        dones = self.steps >= MPE_MAX_CYCLES
         if dones.any():
             self._reset_envs(np.flatnonzero(dones))
         return self._observe(), rewards, dones
@@ -588,16 +583,15 @@ class NumpyMPE:
 class MPE2Envs:
     """The real mpe2 package: one mpe2 parallel_env per env, stepped in a Python loop; same API as NumpyMPE."""
 
-    def __init__(self, task, num_agents, seeds, continuous_actions=False, render_mode=None):
+    def __init__(self, task, num_agents, seeds, render_mode=None):
         module = importlib.import_module(f"mpe2.{MPE_TASKS[task][0]}")
         kwargs = {"local_ratio": MPE_TASKS[task][2]} if task == "spread" else {}  # line / formation fix theirs to 0
-        kwargs |= {"N": num_agents, "max_cycles": MPE_MAX_CYCLES, "continuous_actions": continuous_actions}
+        kwargs |= {"N": num_agents, "max_cycles": MPE_MAX_CYCLES}
         self.envs = [module.parallel_env(render_mode=render_mode, **kwargs) for _ in seeds]
-        self.agents, self.seeds, self.seeded, self.max_cycles = self.envs[0].possible_agents, seeds, False, MPE_MAX_CYCLES
-        self.num_envs, self.num_agents, self.continuous_actions = len(seeds), num_agents, continuous_actions
+        self.agents, self.seeds, self.seeded = self.envs[0].possible_agents, seeds, False
+        self.num_envs, self.num_agents = len(seeds), num_agents
         self.obs_dim = self.envs[0].observation_space(self.agents[0]).shape[0]
-        action_space = self.envs[0].action_space(self.agents[0])
-        self.n_actions = self.action_dim = action_space.shape[0] if continuous_actions else action_space.n
+        self.n_actions = self.envs[0].action_space(self.agents[0]).n
 
     def _stack(self, obs: dict) -> np.ndarray:
         return np.stack([obs[agent] for agent in self.agents])  # [N, obs_dim]
@@ -609,11 +603,11 @@ class MPE2Envs:
         return np.stack([self._stack(env.reset(seed=seed)[0]) for env, seed in zip(self.envs, seeds, strict=True)])
 
     def step(self, actions) -> tuple:
-        actions = np.asarray(actions, dtype=np.float32 if self.continuous_actions else np.int64)  # Box warns on float64
+        actions = np.asarray(actions, dtype=np.int64)
         obs = np.zeros((self.num_envs, self.num_agents, self.obs_dim), dtype=np.float32)
         rewards, dones = np.zeros((self.num_envs, self.num_agents), dtype=np.float32), np.zeros(self.num_envs, dtype=bool)
         for i, env in enumerate(self.envs):
-            act = actions[i] if self.continuous_actions else actions[i].tolist()  # [N, 5] or N Python ints
+            act = actions[i].tolist()  # N Python ints
             env_obs, env_rewards, terminations, truncations, _ = env.step(dict(zip(self.agents, act, strict=True)))
             rewards[i] = [env_rewards[agent] for agent in self.agents]
             dones[i] = all(terminations.values()) or all(truncations.values())

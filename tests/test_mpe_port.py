@@ -14,32 +14,21 @@ import maipg_mpe
 NUM_ENVS, NUM_STEPS = 4, 3 * maipg_mpe.MPE_MAX_CYCLES + 5
 
 
-def random_actions(rng, num_agents, continuous_actions):
-    if continuous_actions:
-        return rng.random((NUM_ENVS, num_agents, 5), dtype=np.float32)
-    return rng.integers(0, 5, (NUM_ENVS, num_agents))
-
-
-@pytest.mark.parametrize("continuous_actions", [False, True], ids=["discrete", "continuous"])
 @pytest.mark.parametrize(
     "task, num_agents",
     # 5 agents as in the paper; line with 3 agents; formation with 6 agents takes scipy's per-env matching
     [("spread", 5), ("line", 5), ("formation", 5), ("line", 3), ("formation", 6)],
 )
-def test_port_matches_mpe2(task, num_agents, continuous_actions):
-    port = maipg_mpe.NumpyMPE(
-        task, num_agents, maipg_mpe.env_seeds(11, "train", NUM_ENVS), continuous_actions=continuous_actions
-    )
-    real = maipg_mpe.MPE2Envs(
-        task, num_agents, maipg_mpe.env_seeds(11, "train", NUM_ENVS), continuous_actions=continuous_actions
-    )
+def test_port_matches_mpe2(task, num_agents):
+    port = maipg_mpe.NumpyMPE(task, num_agents, maipg_mpe.env_seeds(11, "train", NUM_ENVS))
+    real = maipg_mpe.MPE2Envs(task, num_agents, maipg_mpe.env_seeds(11, "train", NUM_ENVS))
     port_obs, real_obs = port.reset(), real.reset()
     assert port_obs.shape == (NUM_ENVS, num_agents, port.obs_dim) and port_obs.dtype == np.float32
     np.testing.assert_allclose(port_obs, real_obs, rtol=0, atol=1e-6)
     rng = np.random.default_rng(0)
     all_rewards, num_dones = [], 0
     for step in range(NUM_STEPS):
-        actions = random_actions(rng, num_agents, continuous_actions)
+        actions = rng.integers(0, 5, (NUM_ENVS, num_agents))
         port_obs, port_rewards, port_dones = port.step(actions)
         real_obs, real_rewards, real_dones = real.step(actions)
         assert port_rewards.shape == (NUM_ENVS, num_agents) and port_rewards.dtype == np.float32
@@ -77,29 +66,13 @@ def test_runs_of_different_seeds_and_streams_share_no_initial_state(task):
 
 @pytest.mark.parametrize("task", ["spread", "line", "formation"])
 def test_spaces_match_mpe2(task):
-    for continuous_actions in (False, True):
-        port = maipg_mpe.NumpyMPE(task, 5, [0], continuous_actions=continuous_actions)
-        real = maipg_mpe.MPE2Envs(task, 5, [0], continuous_actions=continuous_actions)
-        assert real.agents == [f"agent_{i}" for i in range(5)]
-        for agent in real.agents:
-            assert real.envs[0].observation_space(agent).shape == (port.obs_dim,)
-            action_space = real.envs[0].action_space(agent)
-            if continuous_actions:
-                assert action_space.shape == (port.action_dim,)
-                assert (action_space.low == 0).all() and (action_space.high == 1).all()
-            else:
-                assert action_space.n == port.n_actions
-        assert (port.obs_dim, port.n_actions, port.max_cycles) == (real.obs_dim, real.n_actions, real.max_cycles)
-        real.close()
-
-
-def test_out_of_range_continuous_actions_are_clipped_as_mpe2_does():
-    port = maipg_mpe.NumpyMPE("spread", 3, maipg_mpe.env_seeds(3, "train", NUM_ENVS), continuous_actions=True)
-    real = maipg_mpe.MPE2Envs("spread", 3, maipg_mpe.env_seeds(3, "train", NUM_ENVS), continuous_actions=True)
-    port.reset()
-    real.reset()
-    actions = np.random.default_rng(1).uniform(-1, 2, (NUM_ENVS, 3, 5)).astype(np.float32)
-    np.testing.assert_allclose(port.step(actions)[0], real.step(actions)[0], rtol=0, atol=1e-6)
+    port, real = maipg_mpe.NumpyMPE(task, 5, [0]), maipg_mpe.MPE2Envs(task, 5, [0])
+    assert real.agents == [f"agent_{i}" for i in range(5)]
+    for agent in real.agents:
+        assert real.envs[0].observation_space(agent).shape == (port.obs_dim,)
+        assert real.envs[0].action_space(agent).n == port.n_actions
+    assert (port.obs_dim, port.n_actions) == (real.obs_dim, real.n_actions)
+    real.close()
 
 
 def test_mpe2_render_returns_a_frame():
