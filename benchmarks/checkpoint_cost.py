@@ -1,4 +1,4 @@
-"""What a checkpoint costs (issue 13): its size and the time to write it, at each script's default settings.
+"""What a checkpoint costs: its size and the time to write it, at each script's default settings.
 
 Each script trains for one update at its defaults (evaluation off) with --checkpoint-interval 1 in a temporary folder;
 the checkpoint it wrote is then loaded and written again with the script's own save_atomically, --repeats times, and

@@ -1,4 +1,4 @@
-"""The RVar ceiling (issue 24, section 2): the lowest RVar that ANY Q(s, a) could give as a control variate of the
+"""The RVar ceiling: the lowest RVar that ANY Q(s, a) could give as a control variate of the
 advantage, for a checkpoint's policy, on MPE (maipg_mpe.py's NumPy port) or SMAX (maipg_smac.py's SMAX backend).
 
     ceiling = 1 - E_{s,i}[ Var_{a ~ pi(.|s)} E[A_i | s, a] ] / Var(A)

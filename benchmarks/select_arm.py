@@ -1,4 +1,4 @@
-"""The study's selection rule (issue 12), written down before any screening run finished: which arms make up A6.
+"""The study's selection rule, written down before any screening run finished: which arms make up A6.
 
     python benchmarks/select_arm.py benchmarks/results/study
 

@@ -68,7 +68,7 @@ def test_every_script_is_found():
 
 
 def test_env_seeds_share_nothing_across_seeds_and_streams(script):
-    """With seed + i, --seed 1 and --seed 2 shared 127 of 128 env streams (issue 14)."""
+    """With seed + i, --seed 1 and --seed 2 shared 127 of 128 env streams."""
     train_1, train_2 = set(script.env_seeds(1, "train", 128)), set(script.env_seeds(2, "train", 128))
     eval_1, video_1 = set(script.env_seeds(1, "eval", 128)), set(script.env_seeds(1, "video", 128))
     assert len(train_1) == 128 and not train_1 & train_2 and not train_1 & eval_1 and not eval_1 & video_1
@@ -249,7 +249,7 @@ def test_weighted_mean_ignores_masked_entries(script):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Diagnostics (issue 6): RVar and the sub-batch gradient variance
+# Diagnostics: RVar and the sub-batch gradient variance
 # ---------------------------------------------------------------------------------------------------------------------
 def test_rvar(script):
     torch.manual_seed(0)
