@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "maipg_continuous.py")
 # 2 envs x 32 steps with 20-step episodes: every rollout holds a time-limit end and a reset
 TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--max-episode-steps", "20"]
-TINY += ["--update-epochs", "1", "--eval-episodes", "2"]
+TINY += ["--update-epochs", "1", "--num-minibatches", "1", "--eval-episodes", "2"]
 
 
 def run(args, cwd, check=True, **env):
@@ -124,8 +124,9 @@ def test_chunk_padding_carries_no_weight_in_the_training_loop(lr_zero_runs):
     padded, unpadded = lr_zero_runs[10], lr_zero_runs[25]
     for tag in [tag for tag in padded if tag.startswith("losses/")] + ["charts/q_tot_mean"]:
         np.testing.assert_allclose(padded[tag][0], unpadded[tag][0], rtol=1e-5, atol=1e-5, err_msg=tag)
-    # the padded action dimension of agent 1 carries no entropy: log_std = 0 gives 0.5 + 0.5 ln(2 pi) per real dimension
-    np.testing.assert_allclose(padded["losses/entropy"], (9 + 8) / 2 * (0.5 + 0.5 * np.log(2 * np.pi)), rtol=1e-6)
+    # the padded action dimension of agent 1 carries no entropy: log_std = -1 (the default) gives 0.5 + 0.5 ln(2 pi) - 1
+    # per real dimension
+    np.testing.assert_allclose(padded["losses/entropy"], (9 + 8) / 2 * (0.5 + 0.5 * np.log(2 * np.pi) - 1), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
