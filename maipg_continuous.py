@@ -109,7 +109,7 @@ class Args:
     clip_coef: float = 0.2
     """the PPO clip of the ratio, also used to clip the value updates"""
     update_epochs: int = 15
-    """the number of PPO epochs per update (15, as HARL's tuned MAPPO: 5 left the std near 1 after 1M steps)"""
+    """the number of PPO epochs per update (15, as HARL's tuned MAPPO; at 5, PPO's clip was almost never reached)"""
     num_minibatches: int = 4
     """the number of minibatches per epoch (4: 60 optimiser steps per 8,000 env steps)"""
     chunk_len: int = 10
