@@ -96,8 +96,6 @@ class Args:
     """raw: L_dpg in reward units; advantage: L_dpg / the raw advantages' std (what normalises A), eq. (10)'s ratio"""
     nu_warmup: DisallowNone[int | None] = None
     """env steps over which nu rises from 0 to --nu, so Q_hat fits first (unset: --total-timesteps / 5, fixed; 0: none)"""
-    dpg_ratio_target: float = 0.0
-    """0: nu is --nu; > 0: nu adapts each update (at most --nu and its warm-up) to hold diagnostics/dpg_grad_ratio here"""
     learning_rate: float = 5e-4
     """the learning rate of the actor, V and Q+mixer Adam optimisers"""
     gamma: float = 0.99
@@ -425,15 +423,6 @@ def nu_at(global_step, nu, warmup_steps):
     return nu * min(1.0, global_step / warmup_steps) if warmup_steps > 0 else nu
 
 
-def adapt_nu(nu_cap, dpg_to_clip, target):
-    """nu with nu * ||grad L_dpg|| = target * (1 - nu) * ||grad L_clip||, the DPG term's pull held at a fixed share of
-    the clipped term's (eq. (10)). dpg_to_clip: ||grad L_dpg|| / ||grad L_clip|| at the previous update (nan before the
-    first measurement, or target 0: nu_cap); nu never exceeds nu_cap (--nu and its warm-up)."""
-    if target <= 0 or not np.isfinite(dpg_to_clip):
-        return nu_cap
-    return min(nu_cap, target / (target + dpg_to_clip))
-
-
 def soft_update(target, source, tau):
     """psi' <- tau * psi + (1 - tau) * psi' (Algorithm 1, line 25)."""
     with torch.no_grad():
@@ -681,8 +670,6 @@ def check_args(args: Args) -> None:
         (args.dpg_scale in ("raw", "advantage"), f"--dpg-scale must be raw or advantage, got {args.dpg_scale!r}"),
         (args.nu_warmup is None or args.nu_warmup >= 0, f"--nu-warmup must be >= 0 env steps (0: none), got {args.nu_warmup}"),
         (0.0 <= args.nu <= 1.0, f"--nu must be in [0, 1], got {args.nu}"),
-        (args.dpg_ratio_target >= 0, f"--dpg-ratio-target must be >= 0 (0: a fixed nu), got {args.dpg_ratio_target}"),
-        (args.dpg_ratio_target == 0 or args.nu < 1, f"--dpg-ratio-target needs --nu < 1 (its cap), got {args.nu}"),
         (-5.0 <= args.log_std_init <= 2.0, f"--log-std-init must be in [-5, 2] (std 0.007 to 7.4), got {args.log_std_init}"),
         *[(getattr(args, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}") for n in at_least_1],
         (args.eval_only is not None or args.total_timesteps >= rollout, short),
@@ -848,23 +835,20 @@ def evaluate_saved_model(args: Args, device: torch.device) -> None:
     sys.exit(0)
 
 
-def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng: torch.Generator) -> tuple:
-    """--resume: networks, optimisers, normaliser, generators -> (global_step, next update, last_return, eval_return,
-    dpg_to_clip)"""
+def restore_checkpoint(checkpoint: dict, stateful: dict, diagnostics_rng: torch.Generator) -> tuple[int, int, float, float]:
+    """--resume: networks, optimisers, normaliser, generators -> (global_step, next update, last_return, eval_return)"""
     for name, module in stateful.items():
         module.load_state_dict(checkpoint[name])
     set_rng_states(checkpoint["rng"], {"diagnostics": diagnostics_rng})
     print("--resume: Multi-Agent MuJoCo's envs cannot be saved, so their episodes start afresh (new seeds, fresh memory)")
-    returns_and_ratio = (checkpoint["last_return"], checkpoint["eval_return"], checkpoint["dpg_to_clip"])
-    return checkpoint["global_step"], checkpoint["update"] + 1, *returns_and_ratio
+    return checkpoint["global_step"], checkpoint["update"] + 1, checkpoint["last_return"], checkpoint["eval_return"]
 
 
-def save_checkpoint(path, args, run_name, stateful, diagnostics_rng, counters: dict):
-    """The training state (not the envs': a resumed run cannot continue the running episodes), written atomically.
-    counters: the loop's update, global_step, last_return, eval_return and dpg_to_clip."""
-    checkpoint = {"script": os.path.basename(__file__), "args": asdict(args), "run_name": run_name, **counters}
-    checkpoint |= {name: module.state_dict() for name, module in stateful.items()}
-    checkpoint |= {"rng": rng_states({"diagnostics": diagnostics_rng})}
+def save_checkpoint(path, args, run_name, update, global_step, stateful, diagnostics_rng, last_return, eval_return):
+    """The training state (not the envs': a resumed run cannot continue the running episodes), written atomically."""
+    checkpoint = {"script": os.path.basename(__file__), "args": asdict(args), "run_name": run_name, "update": update}
+    checkpoint |= {"global_step": global_step, **{name: module.state_dict() for name, module in stateful.items()}}
+    checkpoint |= {"rng": rng_states({"diagnostics": diagnostics_rng}), "last_return": last_return, "eval_return": eval_return}
     save_atomically(checkpoint, path)
 
 
@@ -953,17 +937,13 @@ if __name__ == "__main__":
     obs[0], state[0], masks[0] = torch.as_tensor(next_obs, device=device), torch.as_tensor(next_state, device=device), 0.0
     episode_returns, episode_lengths = np.zeros(E), np.zeros(E, dtype=int)
     finished_returns, finished_lengths, last_return, eval_return = [], [], float("nan"), float("nan")
-    dpg_to_clip = float("nan")  # ||grad L_dpg|| / ||grad L_clip|| at the last update with nu > 0 (--dpg-ratio-target)
     n_windows = -(-T // args.chunk_len)  # training chunks per env: ceil(T / chunk_len)
     if checkpoint:
-        global_step, start_update, last_return, eval_return, dpg_to_clip = restore_checkpoint(
-            checkpoint, stateful, diagnostics_rng
-        )
+        global_step, start_update, last_return, eval_return = restore_checkpoint(checkpoint, stateful, diagnostics_rng)
     start_step, preemption, checkpoint_path = global_step, Preemption(), os.path.join(run_dir, "checkpoint.pt")
 
     for update in range(start_update, args.num_updates + 1):
-        # the nu in force for this update: the warm-up's, lowered to hold --dpg-ratio-target where one is set
-        nu = adapt_nu(nu_at(global_step, args.nu, args.nu_warmup), dpg_to_clip, args.dpg_ratio_target)
+        nu = nu_at(global_step, args.nu, args.nu_warmup)  # the nu in force for this update
         # ROLLOUT: num_steps steps of all envs with the stochastic policy pi (the behaviour policy)
         for buffer in (time_limits, final_values, final_q_tot):
             buffer.zero_()
@@ -1079,7 +1059,6 @@ if __name__ == "__main__":
                 if first_minibatch and nu > 0:
                     actor_params = list(actor.parameters())
                     dpg_grad_ratio = grad_norm_ratio(nu * parts["dpg_loss"], (1 - nu) * parts["policy_loss"], actor_params)
-                    dpg_to_clip = dpg_grad_ratio.item() * (1 - nu) / nu
                 if first_minibatch and args.log_grad_var:
                     grad_var = actor_grad_variance(*loss_inputs, actor=actor, args=args)
                 value_norm.update(mb["returns"][mb["valid"].bool()])  # MAPPO updates the statistics on every minibatch
@@ -1142,9 +1121,8 @@ if __name__ == "__main__":
 
         # CHECKPOINT: every --checkpoint-interval updates, and when a signal asks to stop
         if preemption.signal_name or (args.checkpoint_interval > 0 and update % args.checkpoint_interval == 0):
-            counters = {"update": update, "global_step": global_step, "last_return": last_return, "eval_return": eval_return}
             save_checkpoint(
-                checkpoint_path, args, run_name, stateful, diagnostics_rng, counters | {"dpg_to_clip": dpg_to_clip}
+                checkpoint_path, args, run_name, update, global_step, stateful, diagnostics_rng, last_return, eval_return
             )
             if preemption.signal_name:
                 print(f"{preemption.signal_name}: stopped after update {update}; continue with --resume {checkpoint_path}")

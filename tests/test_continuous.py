@@ -384,10 +384,9 @@ def test_nu_zero_is_mappo(tmp_path, monkeypatch):
 
 
 def test_dpg_only_flags_change_a_run_at_nu_above_zero(tmp_path, monkeypatch):
-    """--dpg-scale, --nu-warmup and --dpg-ratio-target act only through L_dpg, which nu = 0 skips, so the test above
-    cannot see them: at nu = 0.5 each must change the actor (--dpg-scale advantage divides L_dpg by the advantages'
-    std; --nu-warmup 100 runs update 1 at nu = 0 and update 2 at nu = 0.5 * 64 / 100 instead of 0.5; a ratio target of
-    0.01 runs update 2 at the nu that holds it)."""
+    """--dpg-scale and --nu-warmup act only through L_dpg, which nu = 0 skips, so the test above cannot see them: at
+    nu = 0.5 each must change the actor (--dpg-scale advantage divides L_dpg by the advantages' std; --nu-warmup 100
+    runs update 1 at nu = 0 and update 2 at nu = 0.5 * 64 / 100 instead of 0.5)."""
     base = ["--nu", "0.5", "--nu-warmup", "0"]
     params = {
         name: two_updates(flags, tmp_path / name, monkeypatch)["actor"]
@@ -395,48 +394,10 @@ def test_dpg_only_flags_change_a_run_at_nu_above_zero(tmp_path, monkeypatch):
             "base": base,
             "dpg_scale": [*base, "--dpg-scale", "advantage"],
             "nu_warmup": ["--nu", "0.5", "--nu-warmup", "100"],
-            "dpg_ratio_target": [*base, "--dpg-ratio-target", "0.01"],
         }.items()
     }
-    for name in ("dpg_scale", "nu_warmup", "dpg_ratio_target"):
+    for name in ("dpg_scale", "nu_warmup"):
         assert not torch.equal(params[name]["head.weight"], params["base"]["head.weight"]), f"--{name} changed nothing"
-
-
-def test_adapt_nu_holds_the_ratio_under_its_cap():
-    assert mc.adapt_nu(0.4, float("nan"), 0.3) == 0.4  # nothing measured yet: the cap
-    assert mc.adapt_nu(0.4, 2.0, 0.0) == 0.4  # no target: --nu as it is
-    assert mc.adapt_nu(0.4, 0.1, 0.3) == 0.4  # a weak DPG gradient: the cap binds
-    nu = mc.adapt_nu(0.4, 2.0, 0.3)
-    assert nu < 0.4 and nu * 2.0 / (1 - nu) == pytest.approx(0.3)  # the ratio dpg_grad_ratio would log
-
-
-def test_dpg_ratio_target_sets_each_nu_from_the_last_ratio_and_resumes_with_it(tmp_path, monkeypatch):
-    """Each update's nu is adapt_nu of the ratio logged at the update before (from the logged nu and dpg_grad_ratio);
-    the checkpoint carries the last measurement, and a resumed run starts from it."""
-    flags = [
-        "--nu",
-        "0.5",
-        "--nu-warmup",
-        "0",
-        "--dpg-ratio-target",
-        "0.01",
-        "--eval-interval",
-        "0",
-        "--checkpoint-interval",
-        "3",
-    ]
-    run_globals = main([*flags, *TINY, "--total-timesteps", "192"], tmp_path, monkeypatch)
-    logged = scalars(tmp_path)
-    nus, ratios = logged["charts/nu"], logged["diagnostics/dpg_grad_ratio"]
-    assert nus[0] == 0.5 and all(nu < 0.5 for nu in nus[1:])  # update 1: nothing measured yet
-    for k in (1, 2):
-        dpg_to_clip = ratios[k - 1] * (1 - nus[k - 1]) / nus[k - 1]
-        assert nus[k] == pytest.approx(mc.adapt_nu(0.5, dpg_to_clip, 0.01), rel=1e-5)
-    (path,) = glob.glob(os.path.join(tmp_path, "runs", "*", "checkpoint.pt"))
-    checkpoint = torch.load(path, weights_only=False)
-    assert checkpoint["dpg_to_clip"] == run_globals["dpg_to_clip"] and np.isfinite(checkpoint["dpg_to_clip"])
-    resumed = main(["--resume", path], tmp_path, monkeypatch)  # no update left: the state as restored
-    assert resumed["dpg_to_clip"] == checkpoint["dpg_to_clip"]
 
 
 def test_log_std_init_sets_the_policy_std_it_starts_from():
@@ -462,8 +423,6 @@ def test_log_grad_var_leaves_training_as_it_was(tmp_path, monkeypatch):
         (["--env", "Swimmer"], "--env must be one of HalfCheetah, Ant, Walker2d, Hopper, Humanoid"),
         (["--env", "Hopper", "--agent-conf", "2x3"], "--agent-conf of Hopper must be one of 3x1"),
         (["--nu", "1.5"], "--nu must be in [0, 1]"),
-        (["--dpg-ratio-target=-0.3"], "--dpg-ratio-target must be >= 0"),
-        (["--nu", "1", "--dpg-ratio-target", "0.3"], "--dpg-ratio-target needs --nu < 1"),
         (["--log-std-init", "nan"], "--log-std-init must be in [-5, 2]"),
         (["--mixer", "qtran"], "--mixer must be qmix or vdn"),
         (["--dpg-scale", "td"], "--dpg-scale must be raw or advantage"),
